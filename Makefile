@@ -1,0 +1,32 @@
+# The two commands of the README. Each creates .venv and installs the project when needed, so either
+# works by itself on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject.toml: pip takes the CPU wheel from the machine's wheel folder.
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## Run the main job end to end on the embedded defaults (SQLite warehouse under $$MTL_DATA_DIR, default ./data).
+demo: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mtl demo
+
+## Run the whole test suite (needs the local PostgreSQL server at 127.0.0.1:5432).
+test: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check mtl_core tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/simulate_extract.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

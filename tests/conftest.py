@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated warehouse per test, on SQLite and on the local PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from mtl_core import warehouse as wh
+
+# The local server of the development and CI machines; override to point the tests elsewhere.
+PG_ADMIN_URL = os.environ.get("MTL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'warehouse.db'}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL whose connections see only a fresh schema, dropped afterwards (parallel runs don't collide)."""
+    schema = f"mtl_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # a missing server is a failure, not a skip: CI has one
+        admin.dispose()
+        raise RuntimeError(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {exc}") from exc
+    yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_url(request) -> str:
+    """Run a test once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def engine(sqlite_url) -> Iterator[Engine]:
+    eng = wh.make_engine(sqlite_url)
+    wh.create_schema(eng)
+    yield eng
+    eng.dispose()

@@ -1,0 +1,64 @@
+"""Settings: defaults < YAML file < MTL_* environment; wrong settings are named with what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtl_core.config import ConfigError, load_settings
+
+
+def test_defaults_put_everything_under_the_data_dir(tmp_path):
+    settings = load_settings(environ={"MTL_DATA_DIR": str(tmp_path)})
+    assert settings.data_dir == tmp_path
+    assert settings.resolved_warehouse_url == f"sqlite:///{tmp_path.resolve()}/warehouse.db"
+    assert settings.resolved_mlflow_tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_file_overrides_defaults_and_environment_overrides_file(tmp_path):
+    config = tmp_path / "mtl.yaml"
+    config.write_text("data_dir: /srv/mtl\nshop:\n  users: 123\n  days: 9\n")
+    settings = load_settings(config, environ={"MTL_SHOP__DAYS": "11"})
+    assert settings.data_dir == Path("/srv/mtl") and settings.shop.users == 123 and settings.shop.days == 11
+    # MTL_CONFIG names the file when --config is not given
+    assert load_settings(environ={"MTL_CONFIG": str(config)}).shop.users == 123
+
+
+def test_mlflow_tracking_uri_is_honoured():
+    settings = load_settings(environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert settings.resolved_mlflow_tracking_uri == "http://mlflow:5000"
+    mine = load_settings(environ={"MLFLOW_TRACKING_URI": "http://a", "MTL_MLFLOW_TRACKING_URI": "http://b"})
+    assert mine.resolved_mlflow_tracking_uri == "http://b"
+
+
+def test_wrong_value_is_named_with_its_source_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"MTL_LOG_LEVEL": "LOUD"})
+    message = str(err.value)
+    assert "log_level" in message and "MTL_LOG_LEVEL" in message and "'DEBUG'" in message and "LOUD" in message
+
+
+def test_unknown_setting_is_refused_by_name(tmp_path):
+    config = tmp_path / "mtl.yaml"
+    config.write_text("shop:\n  user: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'shop.user' \(from config file"):
+        load_settings(config, environ={})
+    with pytest.raises(ConfigError, match="unknown setting 'warehouse'.*MTL_WAREHOUSE"):
+        load_settings(environ={"MTL_WAREHOUSE": "x"})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("- a\n- b\n", "must hold a mapping"), ("a: [\n", "not valid YAML"), ("shop:\n  users: -3\n", "shop.users")],
+)
+def test_broken_config_file(tmp_path, content, problem):
+    config = tmp_path / "mtl.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(config, environ={})
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings("/nonexistent/mtl.yaml", environ={})

@@ -1,0 +1,24 @@
+"""The ground truth of the synthetic shop must never reach features or training."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# The simulator writes the truth, the warehouse declares its tables, evaluation reports oracle AUCs.
+ALLOWED = {"mtl_core/simulate.py", "mtl_core/warehouse.py", "mtl_core/evaluate.py"}
+TRUTH = re.compile(r"truth_|true_churn_probability|oracle_report")
+
+
+def test_only_simulator_and_evaluation_mention_the_truth_tables():
+    offenders = []
+    for path in sorted((ROOT / "mtl_core").rglob("*.py")) + sorted((ROOT / "dags").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative not in ALLOWED and TRUTH.search(path.read_text()):
+            offenders.append(relative)
+    assert offenders == [], f"these modules mention the truth tables: {offenders}"
+
+
+def test_the_check_itself_sees_the_simulator():
+    assert TRUTH.search((ROOT / "mtl_core/simulate.py").read_text())
