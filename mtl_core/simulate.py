@@ -28,7 +28,7 @@ from datetime import date, datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, select
+from sqlalchemy import delete, inspect, select
 from sqlalchemy.engine import Engine
 
 from mtl_core import warehouse as wh
@@ -36,6 +36,8 @@ from mtl_core.metrics import roc_auc
 
 SECONDS_PER_DAY = 86_400
 CHURN_HORIZON_DAYS = 14
+# Long-time users keep this share of the session rate they had right after signing up.
+ACTIVITY_FLOOR = 0.3
 LATENT_DIM = 8
 
 # category -> (nouns, brands, median price)
@@ -145,30 +147,42 @@ class _Shop:
         self.signup_day = np.where(existing, -rng.integers(1, 365, n), rng.integers(0, s.days, n))
         self.region = rng.integers(0, len(REGIONS), n)
         self.age_band = rng.integers(0, len(AGE_BANDS), n)
-        # Tastes are mostly shared within a segment (region x age band), partly individual: a model can
-        # learn segment tastes from plenty of data and the individual part from a user's own history.
-        segment = self.region * len(AGE_BANDS) + self.age_band
-        n_segments = len(REGIONS) * len(AGE_BANDS)
-        self.taste = 0.8 * rng.normal(0, 1, (n_segments, LATENT_DIM))[segment] + 0.6 * rng.normal(0, 1, (n, LATENT_DIM))
-        self.attr_affinity = 0.8 * rng.normal(0, 0.6, (n_segments, len(ATTRIBUTES)))[segment] + 0.6 * rng.normal(
-            0, 0.6, (n, len(ATTRIBUTES))
-        )
-        # Young users lean to sporty, older ones to vintage: demographics carry a little signal.
+        # Most of what makes users differ comes from their region and age band (learnable from plenty of
+        # data); a smaller individual part shows only in a user's own history. That keeps the best possible
+        # model (the oracle) within reach of one that sees only the logs.
+        self.taste, self.attr_affinity = self._tastes()
+        # Young users lean to sporty, older ones to vintage.
         self.attr_affinity[:, 3] += 0.3 * (self.age_band <= 1)
         self.attr_affinity[:, 4] += 0.3 * (self.age_band >= 3)
-        self.click_bias = rng.normal(0, 0.3, n)
-        self.ad_bias = rng.normal(0, 0.4, n)
-        self.price_sensitivity = rng.normal(1.0, 0.5, n)
-        # Activity: sessions a day follow lambda(d) = base_rate * exp(-decay * age); a third of users fade.
-        self.base_rate = rng.lognormal(math.log(0.16), 0.35, n)
-        fading = rng.random(n) < 0.3
-        self.decay = np.where(fading, rng.exponential(0.045, n), 0.0)
+        self.click_bias = rng.normal(0, 0.15, n)
+        self.ad_bias = rng.normal(0, 0.2, n)
+        self.price_sensitivity = (0.6 + 0.25 * (len(AGE_BANDS) - 1 - self.age_band)) + rng.normal(0, 0.2, n)
+        # Activity: lambda(d) = base_rate * (FLOOR + (1 - FLOOR) * exp(-decay * days since signup)): new users
+        # are keen and settle down (or drift away); base rates differ by region and age band.
+        # Fixed spreads (shuffled by the seed) keep the churn rate realistic for every seed.
+        region_rate = np.exp(rng.permutation(np.linspace(-0.6, 0.6, len(REGIONS))))
+        age_rate = np.exp(rng.permutation(np.linspace(-0.6, 0.6, len(AGE_BANDS))))
+        self.base_rate = 0.32 * region_rate[self.region] * age_rate[self.age_band] * rng.lognormal(0, 0.15, n)
+        self.decay = np.full(n, 1 / 20)
         if s.drift_day is not None:
             a = s.drift_strength
-            self.taste_after = math.sqrt(1 - a**2) * self.taste + a * rng.normal(0, 1, self.taste.shape)
-            self.attr_affinity_after = math.sqrt(1 - a**2) * self.attr_affinity + a * rng.normal(
-                0, 0.6, self.attr_affinity.shape
-            )
+            taste_new, affinity_new = self._tastes()
+            self.taste_after = math.sqrt(1 - a**2) * self.taste + a * taste_new
+            self.attr_affinity_after = math.sqrt(1 - a**2) * self.attr_affinity + a * affinity_new
+
+    def _tastes(self) -> tuple[np.ndarray, np.ndarray]:
+        rng, n = self.rng, self.spec.users
+        taste = (
+            rng.normal(0, 0.7, (len(REGIONS), LATENT_DIM))[self.region]
+            + rng.normal(0, 0.7, (len(AGE_BANDS), LATENT_DIM))[self.age_band]
+            + rng.normal(0, 0.3, (n, LATENT_DIM))
+        )
+        affinity = (
+            rng.normal(0, 0.45, (len(REGIONS), len(ATTRIBUTES)))[self.region]
+            + rng.normal(0, 0.45, (len(AGE_BANDS), len(ATTRIBUTES)))[self.age_band]
+            + rng.normal(0, 0.2, (n, len(ATTRIBUTES)))
+        )
+        return taste, affinity
 
     def daily_rate(self, days: np.ndarray) -> np.ndarray:
         """lambda[user, day] for the given day indices (a users x days matrix)."""
@@ -197,8 +211,9 @@ class _Shop:
         self.attrs = attrs.astype(np.float64)
         centroids = rng.normal(0, 0.8, (len(cats), LATENT_DIM))
         attr_directions = rng.normal(0, 0.6, (len(ATTRIBUTES), LATENT_DIM))
-        self.item_vec = centroids[category] + self.attrs @ attr_directions + rng.normal(0, 0.6, (n, LATENT_DIM))
-        self.quality = rng.normal(0, 0.35, n)
+        # What an item is comes mostly from its category and its (title-only) attributes; a small part is
+        # its own, learnable only from its history.
+        self.item_vec = centroids[category] + self.attrs @ attr_directions + rng.normal(0, 0.25, (n, LATENT_DIM))
         self.attr_effect = self.attrs @ np.array([effect for _, _, effect in ATTRIBUTES])
 
         brands, titles, prices = [], [], np.empty(n)
@@ -222,6 +237,10 @@ class _Shop:
             # Price shift: items released from the drift day on cost 40 % more.
             prices[self.release_day >= s.drift_day] *= 1.4
         self.brand = np.asarray(brands, dtype=object)
+        # Hidden quality: mostly the brand's reputation, a little the item's own.
+        all_brands = sorted({b for spec in cats.values() for b in spec[1]})
+        brand_quality = dict(zip(all_brands, rng.normal(0, 0.35, len(all_brands)), strict=True))
+        self.quality = np.array([brand_quality[b] for b in brands]) + rng.normal(0, 0.15, n)
         self.title = np.asarray(titles, dtype=object)
         self.price = np.round(prices, 2)
         self.log_price_z = (np.log(self.price) - np.log(self.price).mean()) / np.log(self.price).std()
@@ -294,8 +313,8 @@ class _Shop:
         # Purchase after a click shares the taste term with clicking (that is what a joint model can
         # exploit: cvr has ~20x fewer labels) and cares more about price and hidden quality.
         purchase_logit = (
-            -4.2
-            + 0.6 * affinity
+            -3.9
+            + 0.55 * affinity
             + 0.5 * self.quality[item]
             + 0.6 * self.attr_effect[item]
             - 0.5 * self.price_sensitivity[user] * self.log_price_z[item]
@@ -341,7 +360,7 @@ class _Shop:
         item = ad_item[ad]
         logit = (
             -4.45
-            + 0.4 * self.affinity(user, item, day)
+            + 0.5 * self.affinity(user, item, day)
             + self.ad_effect[ad]
             + 0.5 * self.quality[item]
             + self.ad_bias[user]
@@ -357,11 +376,12 @@ class _Shop:
 def daily_session_rate(
     signup_day: np.ndarray, base_rate: np.ndarray, decay: np.ndarray, days: np.ndarray
 ) -> np.ndarray:
-    """Expected sessions of each user on each day: zero before signup, fading from max(signup, 0)."""
+    """Expected sessions of each user on each day: zero before signup, settling from keen to the floor."""
     days = np.asarray(days)[None, :]
     signup = np.asarray(signup_day)[:, None]
-    age = days - np.maximum(signup, 0)
-    rate = np.asarray(base_rate)[:, None] * np.exp(-np.asarray(decay)[:, None] * np.maximum(age, 0))
+    age = np.maximum(days - signup, 0)
+    keen = np.exp(-np.asarray(decay)[:, None] * age)
+    rate = np.asarray(base_rate)[:, None] * (ACTIVITY_FLOOR + (1 - ACTIVITY_FLOOR) * keen)
     return np.where(days >= signup, rate, 0.0)
 
 
@@ -589,3 +609,47 @@ def oracle_report(engine: Engine, churn_cutoff_day: int | None = None) -> dict[s
     report["churn"] = {"n": int(len(y)), "rate": float(y.mean()) if len(y) else float("nan"),
                        "oracle_auc": roc_auc(y, p), "cutoff_day": int(cutoff)}  # fmt: skip
     return report
+
+
+# Which truth answers which (sample space, label): the probability behind that label, or none.
+TRUTH_OF_LABEL = {("feed", "clicked"): "ctr", ("feed", "purchased"): "cvr", ("ads", "ad_clicked"): "ad_ctr",
+                  ("users", "churned"): "churn"}  # fmt: skip
+
+
+def true_probabilities(
+    engine: Engine,
+    sample_space: str,
+    label: str,
+    event_id: np.ndarray,
+    click_event_id: np.ndarray,
+    user_id: np.ndarray,
+    time: np.ndarray,
+) -> np.ndarray | None:
+    """The shop's true probability for each example of a task, or None where the shop has no truth for it.
+
+    Evaluation only. Feed click truth is keyed by the impression, purchase truth by the click, ad click
+    truth by the ad impression; churn truth is computed at each row's cut-off day.
+    """
+    kind = TRUTH_OF_LABEL.get((sample_space, label))
+    if kind is None:
+        return None
+    if not inspect(engine).has_table("truth_shop"):  # not a simulated warehouse
+        return None
+    with engine.connect() as conn:
+        facts = {k: json.loads(v) for k, v in conn.execute(select(wh.truth_shop.c.key, wh.truth_shop.c.value))}
+        if not facts:
+            return None
+        if kind == "churn":
+            truth_users = pd.read_sql(select(wh.truth_users), conn)
+            start = np.datetime64(facts["start"], "D")
+            days = ((np.asarray(time).astype("datetime64[D]") - start) // np.timedelta64(1, "D")).astype(int)
+            out = np.full(len(days), np.nan)
+            for day in np.unique(days):
+                p = true_churn_probability(truth_users, int(day))
+                out[days == day] = p.reindex(np.asarray(user_id)[days == day]).to_numpy()
+            return out
+        truth = pd.read_sql(
+            select(wh.truth_events.c.event_id, wh.truth_events.c.p_true).where(wh.truth_events.c.task == kind), conn
+        ).set_index("event_id")["p_true"]
+    keys = click_event_id if kind == "cvr" else event_id
+    return truth.reindex(np.asarray(keys)).to_numpy()

@@ -103,8 +103,8 @@ truth_events = Table(
 truth_users = Table(
     "truth_users",
     metadata,
-    # Daily session rate lambda(d) = base_rate * exp(-decay * (d - signup_day)) * drift factor, so the
-    # true probability of no activity in [c, c+14) is exp(-sum lambda); see simulate.true_churn_probability.
+    # Daily session rate lambda(d) = base_rate * (floor + (1 - floor) * exp(-decay * (d - signup_day))), so
+    # the true probability of no activity in [c, c+14) is exp(-sum lambda); see simulate.true_churn_probability.
     Column("user_id", BigInteger, primary_key=True, autoincrement=False),
     Column("signup_day", Integer, nullable=False),
     Column("base_rate", Float, nullable=False),
