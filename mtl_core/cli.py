@@ -154,6 +154,56 @@ def demo(
     typer.echo(format_description(describe_snapshot(out)))
 
 
+@app.command()
+def train(
+    snapshot: Annotated[Path, typer.Option(help="Snapshot directory (mtl extract)")],
+    out: Annotated[Path, typer.Option(help="Model directory to write")],
+    single_task: Annotated[str | None, typer.Option("--single-task", help="Train one task's baseline only")] = None,
+    warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Start from this model's weights")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train the joint multi-task model on a snapshot; print per-task validation metrics."""
+    from mtl_core.train import train as run_training
+
+    settings = _settings(config)
+    result = run_training(snapshot, out, settings, single_task=single_task, warm_start=warm_start, resume=resume,
+                          progress=not as_json and sys.stderr.isatty())  # fmt: skip
+    payload = result.as_dict()
+    text = "\n".join(
+        [f"model written to {out} after {result.steps} steps ({result.seconds:.0f} s; best at step {result.best_step})"]
+        + [f"  {task:<8} valid auc {m['auc']:.4f}  logloss {m['logloss']:.4f}  n {m['n']:,}"
+           for task, m in result.metrics.items()]
+    )  # fmt: skip
+    _print(payload, as_json, text)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model directory (mtl train)")],
+    snapshot: Annotated[Path, typer.Option(help="Snapshot directory to score")],
+    split: Annotated[str, typer.Option(help="holdout, valid or train")] = "holdout",
+    db: DbOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per-task AUC, log loss, calibration and slices on a snapshot's holdout (oracle AUC on simulated data)."""
+    from mtl_core.evaluate import evaluate_model
+    from mtl_core.features import SPLITS
+
+    if split not in SPLITS:
+        _fail(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    settings = _settings(config)
+    report = evaluate_model(model, snapshot, split=split, truth_engine=_engine(db, settings))
+    lines = [f"{split} of {snapshot}:"]
+    for task, m in report["tasks"].items():
+        oracle = "n/a" if m["oracle_auc"] is None else f"{m['oracle_auc']:.4f}"
+        lines.append(f"  {task:<8} auc {m['auc']:.4f} (oracle {oracle})  logloss {m['logloss']:.4f}  "
+                     f"ece {m['ece']:.4f}  n {m['n']:,}")  # fmt: skip
+    _print(report, as_json, "\n".join(lines))
+
+
 @app.command("import-logs")
 def import_logs_command(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet file of behaviour logs")],
@@ -181,7 +231,8 @@ def import_logs_command(
 def main() -> None:
     """Entry point: known problems become one clear line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the exit code of typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
     except MtlError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -197,6 +248,7 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
@@ -50,3 +52,38 @@ def engine(sqlite_url) -> Iterator[Engine]:
     wh.create_schema(eng)
     yield eng
     eng.dispose()
+
+
+# --- a tiny random BERT: the text path at test speed -------------------------------------------------
+WORDS = (
+    "premium luxury leather shoes blue red running board game for kids nordwind waterproof lamp desk "
+    "coffee grinder wallet jacket winter bottle water yoga mat black green"
+).split()
+
+
+def make_tiny_bert(path: Path, seed: int, hidden: int = 32) -> Path:
+    """A random 4-layer BERT with a word-level vocabulary, saved like any local transformers model.
+
+    transformers 5 builds BERT tokenizers from a ``vocab`` dict (a ``vocab_file`` argument is silently
+    ignored and every word becomes [UNK]), hence the dict.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    BertTokenizer(vocab=vocab).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_path(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_shared"), seed=0)

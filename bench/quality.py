@@ -1,0 +1,121 @@
+"""Quality benchmark: joint model vs single-task models vs the oracle, and what the text encoder buys.
+
+On a simulated shop (default 20,000 users, 3,000 items, 60 days) the models train on everything but the
+last 7 days and are scored on those 7 days (the holdout):
+
+* per task: the joint model's AUC, the single-task model's AUC (same features and tower, one task), and
+  the oracle AUC (the shop's true probabilities: the best any model could do);
+* on cold-start items (younger than a week): ctr AUC of the joint model with and without text.
+
+Prints JSON, then how each target of the quality bar fared:
+
+    .venv/bin/python bench/quality.py [--users 20000 --items 3000 --days 60 --seed 1] [--dir /tmp/q]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+TARGETS = {
+    "oracle_gap": 0.02,  # every task's joint AUC within this of its oracle AUC
+    "cvr_lift": 0.005,  # joint cvr AUC at least this above single-task cvr
+    "max_single_loss": 0.002,  # no task more than this below its single-task model
+    "cold_start_text_lift": 0.02,  # cold-start ctr AUC with text at least this above without
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--items", type=int, default=3_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--config", type=Path, default=None, help="settings YAML for the models")
+    args = parser.parse_args()
+
+    from mtl_core import warehouse as wh
+    from mtl_core.config import load_settings
+    from mtl_core.evaluate import evaluate_model
+    from mtl_core.features import build_examples
+    from mtl_core.ingest import extract_snapshot
+    from mtl_core.simulate import ShopSpec, write_shop
+    from mtl_core.train import train
+
+    began = time.perf_counter()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="mtl-quality-"))
+    root.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(args.config, environ={"MTL_DATA_DIR": str(root)})
+    settings = settings.model_copy(update={"features": settings.features.model_copy(update={"holdout_days": 7})})
+    engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
+    start = date(2026, 1, 5)
+    write_shop(engine, ShopSpec(users=args.users, items=args.items, days=args.days, start=start, seed=args.seed),
+               replace=True)  # fmt: skip
+    snapshot = root / "snapshot"
+    extract_snapshot(engine, start.isoformat(), (start + timedelta(days=args.days)).isoformat(), snapshot)
+    examples = build_examples(snapshot, settings.features, settings.tasks)
+    seconds: dict[str, float] = {}
+
+    def fit(name: str, run_settings, single_task: str | None = None) -> dict:
+        t0 = time.perf_counter()
+        train(snapshot, root / name, run_settings, single_task=single_task, examples=examples, progress=False)
+        report = evaluate_model(root / name, snapshot, truth_engine=engine)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: {json.dumps({t: round(m['auc'], 4) for t, m in report['tasks'].items()})} "
+              f"({seconds[name]} s)", file=sys.stderr, flush=True)  # fmt: skip
+        return report["tasks"]
+
+    joint = fit("joint", settings)
+    no_text = fit("joint_without_text", settings.model_copy(update={"text": settings.text.model_copy(
+        update={"enabled": False})}))  # fmt: skip
+    single = {task.name: fit(f"single_{task.name}", settings, task.name)[task.name] for task in settings.tasks}
+
+    tasks = {
+        name: {
+            "joint_auc": round(joint[name]["auc"], 4),
+            "single_auc": round(single[name]["auc"], 4),
+            "oracle_auc": round(joint[name]["oracle_auc"], 4) if joint[name]["oracle_auc"] else None,
+            "n": joint[name]["n"],
+        }
+        for name in joint
+    }
+    cold = {
+        "with_text_auc": round(joint["ctr"]["slices"]["cold_start_items"]["auc"], 4),
+        "without_text_auc": round(no_text["ctr"]["slices"]["cold_start_items"]["auc"], 4),
+        "n": joint["ctr"]["slices"]["cold_start_items"]["n"],
+    }
+    result = {
+        "shop": {"users": args.users, "items": args.items, "days": args.days, "seed": args.seed},
+        "tasks": tasks,
+        "cold_start_ctr": cold,
+        "train_and_evaluate_seconds": seconds,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    print(json.dumps(result, indent=2))
+    checks = {
+        f"{name} within {TARGETS['oracle_gap']} of oracle": t["oracle_auc"] is not None
+        and t["oracle_auc"] - t["joint_auc"] <= TARGETS["oracle_gap"]
+        for name, t in tasks.items()
+    }
+    checks[f"cvr joint >= single + {TARGETS['cvr_lift']}"] = (
+        tasks["cvr"]["joint_auc"] >= tasks["cvr"]["single_auc"] + TARGETS["cvr_lift"]
+    )
+    for name, t in tasks.items():
+        checks[f"{name} joint >= single - {TARGETS['max_single_loss']}"] = (
+            t["joint_auc"] >= t["single_auc"] - TARGETS["max_single_loss"]
+        )
+    checks[f"cold-start ctr text lift >= {TARGETS['cold_start_text_lift']}"] = (
+        cold["with_text_auc"] >= cold["without_text_auc"] + TARGETS["cold_start_text_lift"]
+    )
+    for check, ok in checks.items():
+        print(f"{'PASS' if ok else 'MISS'}  {check}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

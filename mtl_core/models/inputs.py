@@ -1,0 +1,94 @@
+"""The shared input layer: id embeddings, the projected text embedding, standardised numerics, and the
+user-item interaction.
+
+An MLP over concatenated embeddings is poor at learning dot products, yet "does this user's taste match
+this item" is the heart of click prediction. So, as in factorisation machines and DLRM, the layer also
+hands the architecture the element-wise product of a user-side vector (user, region, age band) and an
+item-side vector (item, category, brand, ad, text): summing that product is the dot product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtl_core.features import CATEGORICAL, NUMERIC, SPACES
+
+USER_SIDE = ("user", "region", "age_band")
+ITEM_SIDE = ("item", "category", "brand", "ad")
+# Per-entity ids, learned only when the model settings' id_features name them.
+ID_FEATURES = ("user", "item", "ad")
+# Index of the "users" sample space in the space vocabulary (0 is out of vocabulary).
+USERS_SPACE_INDEX = SPACES.index("users") + 1
+
+
+class InputEncoder(nn.Module):
+    """Turns a batch of feature tensors into one vector per row.
+
+    Text arrives as a precomputed sentence embedding (frozen encoder, the default) or is computed by the
+    fine-tuned encoder inside the joint loss; either way it goes through a trainable projection. Rows
+    without text (user rows, items with no title) get a learned "no text" vector instead.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: dict[str, int],
+        id_dim: int,
+        text_in: int,
+        text_dim: int,
+        use_text: bool,
+        id_features: tuple[str, ...] = ("user", "item", "ad"),
+    ):
+        super().__init__()
+        self.names = [name for name in CATEGORICAL if name not in ID_FEATURES or name in id_features]
+        self.embeddings = nn.ModuleDict({name: nn.Embedding(vocab_sizes[name], id_dim) for name in self.names})
+        for embedding in self.embeddings.values():
+            nn.init.normal_(embedding.weight, std=0.05)
+        self.use_text = use_text
+        self.text_projection = nn.Linear(text_in, text_dim) if use_text else None
+        # Sentence embeddings of short titles share a large common component (per-dimension mean ~0.1 against
+        # a spread of ~0.3 between items); standardising each dimension with the training texts' statistics
+        # lets the projection see what tells items apart from the first step.
+        self.register_buffer("text_mean", torch.zeros(max(text_in, 1)))
+        self.register_buffer("text_std", torch.ones(max(text_in, 1)))
+        self.no_text = nn.Parameter(torch.zeros(text_dim)) if use_text else None
+        self.text_to_item_side = nn.Linear(text_dim, id_dim, bias=False) if use_text else None
+        # The numeric features as one more field, so they interact with the embeddings (price x age band).
+        self.dense_field = nn.Linear(len(NUMERIC), id_dim)
+        n_fields = len(self.names) + 1 + (1 if use_text else 0)
+        self.pairs = torch.triu_indices(n_fields, n_fields, offset=1)
+        self.output_dim = (
+            len(self.names) * id_dim + len(NUMERIC) + id_dim + (text_dim if use_text else 0) + self.pairs.shape[1]
+        )
+
+    def set_text_statistics(self, vectors: torch.Tensor) -> None:
+        """Per-dimension mean and spread of the training texts' embeddings (saved with the model)."""
+        if len(vectors) > 1:
+            self.text_mean.copy_(vectors.mean(dim=0))
+            self.text_std.copy_(vectors.std(dim=0).clamp_min(1e-4))
+
+    def forward(self, batch: dict[str, torch.Tensor], text_embedding: torch.Tensor | None) -> torch.Tensor:
+        embedded = {name: self.embeddings[name](batch[name]) for name in self.names}
+        if "user" in embedded:
+            # Churn rows see no user id embedding: whether a user's embedding got trained by events after
+            # the cut-off would tell the model the label. Their history aggregates describe them instead.
+            not_users_space = (batch["space"] != USERS_SPACE_INDEX).unsqueeze(1)
+            embedded["user"] = embedded["user"] * not_users_space
+        user_side = sum(embedded[name] for name in USER_SIDE if name in embedded)
+        item_side = sum(embedded[name] for name in ITEM_SIDE if name in embedded)
+        parts = [embedded[name] for name in self.names] + [batch["numeric"]]
+        fields = [embedded[name] for name in self.names] + [self.dense_field(batch["numeric"])]
+        if self.use_text:
+            projected = self.text_projection((text_embedding - self.text_mean) / self.text_std)
+            has_text = (batch["text"] > 0).unsqueeze(1)
+            text = torch.where(has_text, projected, self.no_text.expand_as(projected))
+            parts.append(text)
+            text_field = self.text_to_item_side(text)
+            item_side = item_side + text_field
+            fields.append(text_field)
+        parts.append(user_side * item_side)
+        # Pairwise dot products of all fields (as in DLRM): every two-way interaction, ready-made.
+        stacked = torch.stack(fields, dim=1)
+        dots = torch.bmm(stacked, stacked.transpose(1, 2))
+        parts.append(dots[:, self.pairs[0], self.pairs[1]])
+        return torch.cat(parts, dim=1)

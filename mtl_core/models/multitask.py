@@ -1,0 +1,90 @@
+"""The joint model: shared input encoder -> shared architecture -> one tower (head) per task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtl_core.config import ModelSettings
+from mtl_core.models.architectures import PLE, MMoE, SharedBottom, mlp
+
+
+class MultiTaskModel(nn.Module):
+    """Returns one logit per task for every row; the loss only looks at the tasks a row has labels for.
+
+    With ``esmm`` the pair (ctr, cvr) is chained as in ESMM (Ma et al. 2018): besides each task's own
+    loss, p(click and buy) = p(click) * p(buy | click) is trained over all impressions, so the sparse cvr
+    head also learns from every impression, not only from clicked ones.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: dict[str, int],
+        task_names: list[str],
+        settings: ModelSettings,
+        text_in: int,
+        use_text: bool,
+        text_encoder: nn.Module | None = None,
+    ):
+        super().__init__()
+        # Only when the text encoder is fine-tuned inside the joint loss; a frozen one lives outside.
+        self.text_encoder = text_encoder
+        from mtl_core.models.inputs import InputEncoder
+
+        self.task_names = list(task_names)
+        self.settings = settings
+        self.inputs = InputEncoder(
+            vocab_sizes, settings.id_dim, text_in, settings.text_dim, use_text, tuple(settings.id_features)
+        )
+        inp, n = self.inputs.output_dim, len(task_names)
+        if settings.architecture == "shared_bottom":
+            self.shared = SharedBottom(inp, n, settings.expert_dim, settings.dropout)
+        elif settings.architecture == "mmoe":
+            self.shared = MMoE(inp, n, settings.expert_dim, settings.experts, settings.dropout)
+        else:
+            self.shared = PLE(
+                inp, n, settings.expert_dim, settings.experts, settings.shared_experts, settings.ple_layers,
+                settings.dropout,
+            )  # fmt: skip
+        self.towers = nn.ModuleList(
+            [nn.Sequential(mlp(self.shared.output_dim, settings.tower_dim, settings.dropout),
+                           nn.Linear(settings.tower_dim, 1)) for _ in task_names]
+        )  # fmt: skip
+        first, second = settings.esmm_pair
+        self.esmm_pair = (
+            (self.task_names.index(first), self.task_names.index(second))
+            if settings.esmm and first in self.task_names and second in self.task_names
+            else None
+        )
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        text_embedding: torch.Tensor | None = None,
+        text_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if text_tokens is not None and self.text_encoder is not None:
+            input_ids, attention_mask, inverse = text_tokens
+            text_embedding = self.text_encoder(input_ids, attention_mask)[inverse]
+        x = self.inputs(batch, text_embedding)
+        representations = self.shared(x)
+        return torch.cat([tower(h) for tower, h in zip(self.towers, representations, strict=True)], dim=1)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """What every task's gradient flows through: the input encoder and the shared architecture."""
+        modules = [self.inputs, self.shared] + ([self.text_encoder] if self.text_encoder is not None else [])
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.shared.last_shared_layer()
+
+
+def build_model(
+    vocab_sizes: dict[str, int],
+    task_names: list[str],
+    settings: ModelSettings,
+    text_in: int,
+    use_text: bool,
+    text_encoder: nn.Module | None = None,
+) -> MultiTaskModel:
+    return MultiTaskModel(vocab_sizes, task_names, settings, text_in, use_text, text_encoder)

@@ -1,0 +1,179 @@
+"""Training loop: artifacts, determinism, resume, warm start, single task, weighting strategies, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtl_core import warehouse as wh
+from mtl_core.cli import app
+from mtl_core.config import load_settings
+from mtl_core.features import build_examples
+from mtl_core.ingest import extract_snapshot
+from mtl_core.simulate import ShopSpec, write_shop
+from mtl_core.train import TrainingError, _warm_start, load_model, train
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_shop")
+    engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
+    write_shop(engine, ShopSpec(users=600, items=150, days=35, start=date(2026, 1, 5), seed=5))
+    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap")
+    extract_snapshot(engine, "2026-01-05", "2026-01-30", root / "mid")
+    extract_snapshot(engine, "2026-01-05", "2026-01-21", root / "short")
+    return root
+
+
+@pytest.fixture
+def settings(shop, tiny_bert_path, tmp_path):
+    return load_settings(
+        environ={
+            "MTL_DATA_DIR": str(tmp_path),
+            "MTL_TEXT__MODEL_PATH": str(tiny_bert_path),
+            "MTL_FEATURES__HISTORY_DAYS": "3",
+            "MTL_FEATURES__VALID_DAYS": "3",
+            "MTL_FEATURES__HOLDOUT_DAYS": "4",
+            "MTL_FEATURES__CHURN_CUTOFF_STEP_DAYS": "2",
+            "MTL_TRAIN__EPOCHS": "2",
+            "MTL_TRAIN__STEPS_PER_EPOCH": "12",
+            "MTL_TRAIN__EVALS_PER_EPOCH": "2",
+            "MTL_TRAIN__BATCH_SIZE": "256",
+            "MTL_TRAIN__PATIENCE": "0",
+        }
+    )
+
+
+def test_training_writes_a_model_that_scores_unseen_ids(shop, settings, tmp_path):
+    result = train(shop / "snap", tmp_path / "model", settings, progress=False)
+    assert set(result.metrics) == {"ctr", "cvr", "ad_ctr", "churn"}
+    assert all(0 <= m["auc"] <= 1 and m["logloss"] > 0 for m in result.metrics.values())
+    assert result.steps == 24 and not (tmp_path / "model" / "checkpoint.pt").exists()
+    saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert saved["tasks"]["ctr"]["auc"] == pytest.approx(result.metrics["ctr"]["auc"])
+
+    loaded = load_model(tmp_path / "model")
+    examples = build_examples(shop / "snap", loaded.settings.features, loaded.settings.tasks)
+    rows = np.flatnonzero(examples.split == "holdout")
+    encoded = examples.encode(loaded.space)
+    assert (encoded["item"][rows] == 0).any(), "the holdout should hold items unseen in training"
+    probs = loaded.predict(examples, rows)
+    assert probs.shape == (len(rows), 4) and np.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all()
+
+
+def test_same_seed_same_model(shop, settings, tmp_path):
+    a = train(shop / "snap", tmp_path / "a", settings, progress=False)
+    b = train(shop / "snap", tmp_path / "b", settings, progress=False)
+    assert a.metrics == b.metrics
+    wa, wb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
+
+
+def test_resume_after_interruption_gives_the_same_model(shop, settings, tmp_path, monkeypatch):
+    straight = train(shop / "snap", tmp_path / "straight", settings, progress=False)
+
+    import mtl_core.train as training
+
+    real_draw = training.TaskSampler.draw
+    calls = {"n": 0}
+
+    def dying_draw(self):
+        calls["n"] += 1
+        if calls["n"] == 15:  # after the checkpoint at step 12
+            raise KeyboardInterrupt
+        return real_draw(self)
+
+    monkeypatch.setattr(training.TaskSampler, "draw", dying_draw)
+    with pytest.raises(KeyboardInterrupt):
+        train(shop / "snap", tmp_path / "resumed", settings, progress=False)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    monkeypatch.setattr(training.TaskSampler, "draw", real_draw)
+    resumed = train(shop / "snap", tmp_path / "resumed", settings, resume=True, progress=False)
+    assert resumed.steps == straight.steps and resumed.metrics == straight.metrics
+
+
+def test_warm_start_keeps_old_weights_and_grows_vocabularies(shop, settings, tmp_path):
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"id_features": ["item"]})})
+    train(shop / "mid", tmp_path / "old", settings, progress=False)
+    old = load_model(tmp_path / "old")
+    new = train(shop / "snap", tmp_path / "new", settings, warm_start=tmp_path / "old", progress=False)
+    grown = load_model(tmp_path / "new")
+    assert len(grown.space.vocabs["item"]) > len(old.space.vocabs["item"])
+    assert grown.space.vocabs["item"].values[: len(old.space.vocabs["item"].values)] == old.space.vocabs["item"].values
+    assert new.metrics
+    # the copy itself: old rows kept, new rows left as initialised
+    fresh = load_model(tmp_path / "new").model
+    before = fresh.inputs.embeddings["item"].weight.detach().clone()
+    _warm_start(fresh, old.model)
+    after = fresh.inputs.embeddings["item"].weight
+    n_old = old.model.inputs.embeddings["item"].weight.shape[0]
+    assert torch.equal(after[:n_old], old.model.inputs.embeddings["item"].weight)
+    assert torch.equal(after[n_old:], before[n_old:])
+
+
+def test_single_task_baseline(shop, settings, tmp_path):
+    result = train(shop / "snap", tmp_path / "cvr_only", settings, single_task="cvr", progress=False)
+    assert list(result.metrics) == ["cvr"]
+    assert load_model(tmp_path / "cvr_only").model.esmm_pair is None
+    with pytest.raises(TrainingError, match="--single-task 'nope' is not a configured task"):
+        train(shop / "snap", tmp_path / "x", settings, single_task="nope", progress=False)
+
+
+@pytest.mark.parametrize("weighting", ["inverse_volume", "uncertainty", "gradnorm", "pcgrad"])
+def test_every_weighting_strategy_trains(shop, settings, tmp_path, weighting):
+    settings = settings.model_copy(update={"train": settings.train.model_copy(
+        update={"weighting": weighting, "epochs": 1, "residual_pairs": [("ctr", "cvr", 0.1)]})})  # fmt: skip
+    result = train(shop / "snap", tmp_path / weighting, settings, progress=False)
+    assert all(np.isfinite(m["logloss"]) for m in result.metrics.values())
+
+
+@pytest.mark.parametrize("architecture", ["shared_bottom", "ple"])
+def test_other_architectures_train(shop, settings, tmp_path, architecture):
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"architecture": architecture})})
+    assert train(shop / "snap", tmp_path / architecture, settings, progress=False).metrics
+
+
+def test_top_k_fine_tuning_trains_only_the_top_layers(shop, settings, tmp_path, tiny_bert_path):
+    from mtl_core.text import TextEncoder
+
+    settings = settings.model_copy(update={"text": settings.text.model_copy(update={"finetune": "top_k", "top_k": 1}),
+                                           "train": settings.train.model_copy(update={"epochs": 1})})  # fmt: skip
+    train(shop / "snap", tmp_path / "ft", settings, progress=False)
+    tuned = load_model(tmp_path / "ft").model.text_encoder.state_dict()
+    original = TextEncoder(tiny_bert_path).state_dict()
+    changed = {name for name in original if not torch.equal(original[name], tuned[name])}
+    assert changed and all(".layer.3." in name for name in changed), changed
+
+
+def test_too_short_a_snapshot_is_a_clear_error(shop, settings, tmp_path):
+    with pytest.raises(Exception, match="too short|no training or validation examples"):
+        train(shop / "short", tmp_path / "m", settings, progress=False)
+
+
+def test_cli_train_and_evaluate_print_per_task_json(shop, settings, tmp_path, monkeypatch, tiny_bert_path):
+    config = tmp_path / "mtl.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path}\ntext:\n  model_path: {tiny_bert_path}\n"
+        "features: {history_days: 3, valid_days: 3, holdout_days: 4}\n"
+        "train: {epochs: 1, steps_per_epoch: 10, batch_size: 256}\n"
+    )
+    runner = CliRunner()
+    out = runner.invoke(app, ["train", "--snapshot", str(shop / "snap"), "--out", str(tmp_path / "m"),
+                              "--config", str(config), "--json"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    assert set(payload["tasks"]) == {"ctr", "cvr", "ad_ctr", "churn"} and "auc" in payload["tasks"]["ctr"]
+    db = f"sqlite:///{shop / 'warehouse.db'}"
+    out = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "m"), "--snapshot", str(shop / "snap"),
+                              "--db", db, "--config", str(config), "--json"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)["tasks"]
+    for task in ("ctr", "cvr", "ad_ctr", "churn"):
+        assert {"auc", "logloss", "ece", "n", "oracle_auc", "slices"} <= set(report[task])
+        assert 0.5 < report[task]["oracle_auc"] < 1
+    assert "cold_start_items" in report["ctr"]["slices"] and "new_users" in report["ctr"]["slices"]
