@@ -155,6 +155,21 @@ def demo(
 
 
 @app.command()
+def validate(
+    snapshot: Annotated[Path, typer.Option(help="Snapshot directory (mtl extract)")],
+    previous: Annotated[Path | None, typer.Option(help="The previous run's snapshot, for volume checks")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the Great Expectations suites of expectations/ on a snapshot; exit 1 if any expectation fails."""
+    from mtl_core.validate import validate_command_output, validate_snapshot
+
+    report = validate_snapshot(snapshot, previous)
+    _print(report.summary(), as_json, validate_command_output(report))
+    if not report.success:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def train(
     snapshot: Annotated[Path, typer.Option(help="Snapshot directory (mtl extract)")],
     out: Annotated[Path, typer.Option(help="Model directory to write")],
