@@ -347,8 +347,10 @@ def build_examples(snapshot_dir: str | Path, settings: FeatureSettings, tasks: l
         "ad": rows["ad_id"].to_numpy(dtype=object),
         "space": rows["space"].to_numpy(dtype=object),
     }
-    for name in ("item", "ad"):  # user rows carry no item or ad: missing, not a real id
-        raw[name] = np.where(pd.isna(raw[name]), None, raw[name])
+    for name in ("user", "item", "ad"):
+        # Whole numbers or None (user rows carry no item or ad): the concatenation above turned the id
+        # columns into floats, and 126.0 must be the same vocabulary entry as the warehouse's 126.
+        raw[name] = pd.array(rows[f"{name}_id"], dtype="Int64").to_numpy(dtype=object, na_value=None)
     return Examples(
         raw=raw,
         numeric=numeric,

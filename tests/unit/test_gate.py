@@ -1,0 +1,198 @@
+"""The promotion gate: the every-task rule, its options, the no-champion floors, and the record in MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from mtl_core.config import DEFAULT_TASKS, TaskSpec
+from mtl_core.gate import GateError, GateSettings, decide, record_decision
+
+TASKS = list(DEFAULT_TASKS)  # ctr, cvr, ad_ctr, churn; floor 0.6 each
+
+
+def comparison(aucs: dict[str, tuple[float, float | None]], low: float = 0.001, **extra) -> dict:
+    """compare_models-shaped input: {task: (challenger auc, champion auc or None)}."""
+    tasks = {}
+    for name, (ours, theirs) in aucs.items():
+        challenger = {"auc": ours, "logloss": extra.get("logloss", (0.30, 0.30))[0],
+                      "ece": extra.get("ece", (0.01, 0.01))[0], "n": 1000}  # fmt: skip
+        if theirs is None:
+            tasks[name] = {"challenger": challenger, "champion": None, "auc_delta": None}
+            continue
+        champion = {"auc": theirs, "logloss": extra.get("logloss", (0.30, 0.30))[1],
+                    "ece": extra.get("ece", (0.01, 0.01))[1], "n": 1000}  # fmt: skip
+        delta = ours - theirs
+        tasks[name] = {"challenger": challenger, "champion": champion,
+                       "auc_delta": {"delta": delta, "low": low, "high": delta + 0.01}}  # fmt: skip
+    return {"tasks": tasks, "split": "holdout"}
+
+
+ALL_BETTER = {"ctr": (0.71, 0.70), "cvr": (0.66, 0.65), "ad_ctr": (0.62, 0.61), "churn": (0.80, 0.79)}
+
+
+def test_all_tasks_better_promotes():
+    decision = decide(comparison(ALL_BETTER), TASKS)
+    assert decision.verdict == "promote" and decision.promote
+    assert decision.reason.startswith("promoted: every task beats the champion")
+    assert all(row["passed"] for row in decision.per_task.values())
+    assert decision.per_task["ctr"]["delta"] == pytest.approx(0.01)
+    assert decision.rule["name"] == "every_task_beats_champion" and decision.rule["min_delta"] == 0.0
+
+
+def test_one_task_worse_rejects_naming_it_and_by_how_much():
+    aucs = {**ALL_BETTER, "churn": (0.785, 0.79)}
+    decision = decide(comparison(aucs), TASKS)
+    assert decision.verdict == "reject"
+    assert "1 of 4 task(s) failed" in decision.reason
+    assert "churn: AUC 0.7850 vs champion 0.7900 (delta -0.0050" in decision.reason
+    assert "ctr" not in decision.reason  # only the failing task is named
+    assert not decision.per_task["churn"]["passed"] and decision.per_task["ctr"]["passed"]
+
+
+def test_equal_auc_is_not_better():
+    decision = decide(comparison({**ALL_BETTER, "cvr": (0.65, 0.65)}), TASKS)
+    assert decision.verdict == "reject" and "cvr" in decision.reason and "must be above 0" in decision.reason
+
+
+def test_min_delta_must_be_exceeded():
+    settings = GateSettings(min_delta=0.015)
+    aucs = {**ALL_BETTER, "ctr": (0.72, 0.70)}  # only ctr gains more than 0.015
+    decision = decide(comparison(aucs), TASKS, settings)
+    assert decision.verdict == "reject"
+    assert [n for n, r in decision.per_task.items() if not r["passed"]] == ["cvr", "ad_ctr", "churn"]
+    assert "must exceed +0.0150" in decision.reason
+    assert decide(comparison(aucs), TASKS, GateSettings(min_delta=0.005)).verdict == "promote"
+
+
+def test_significance_uses_the_bootstrap_lower_bound():
+    settings = GateSettings(require_significance=True)
+    assert decide(comparison(ALL_BETTER, low=0.002), TASKS, settings).verdict == "promote"
+    decision = decide(comparison(ALL_BETTER, low=-0.003), TASKS, settings)
+    assert decision.verdict == "reject" and "not significant" in decision.reason
+    assert decision.per_task["ctr"]["low"] == pytest.approx(-0.003)
+    # Off by default: the same noisy gain promotes.
+    assert decide(comparison(ALL_BETTER, low=-0.003), TASKS).verdict == "promote"
+
+
+def test_guardrails_on_logloss_and_calibration():
+    worse_logloss = comparison(ALL_BETTER, logloss=(0.35, 0.30))
+    assert decide(worse_logloss, TASKS).verdict == "promote"  # guardrails are off by default
+    decision = decide(worse_logloss, TASKS, GateSettings(max_logloss_increase=0.02))
+    assert decision.verdict == "reject" and "logloss worse by 0.0500" in decision.reason
+    assert decide(worse_logloss, TASKS, GateSettings(max_logloss_increase=0.06)).verdict == "promote"
+    worse_ece = comparison(ALL_BETTER, ece=(0.05, 0.01))
+    decision = decide(worse_ece, TASKS, GateSettings(max_ece_increase=0.02))
+    assert decision.verdict == "reject" and "ece worse by 0.0400" in decision.reason
+
+
+def test_no_champion_uses_the_floors():
+    first = comparison({name: (0.65, None) for name in ALL_BETTER})
+    decision = decide(first, TASKS)
+    assert decision.verdict == "promote" and decision.rule["name"] == "every_task_clears_floor"
+    below = comparison({**{name: (0.65, None) for name in ALL_BETTER}, "ad_ctr": (0.58, None)})
+    decision = decide(below, TASKS)
+    assert decision.verdict == "reject"
+    assert "ad_ctr: AUC 0.5800 is below its floor 0.6000" in decision.reason
+    # Floors from the gate settings override the task's own, per task.
+    assert decide(below, TASKS, GateSettings(floors={"ad_ctr": 0.55})).verdict == "promote"
+    # evaluate_model output (no champion at all) is accepted as is.
+    evaluated = {"tasks": {name: {"auc": 0.65, "logloss": 0.3} for name in ALL_BETTER}}
+    assert decide(evaluated, TASKS).verdict == "promote"
+
+
+def test_task_missing_from_the_comparison_rejects():
+    aucs = {name: v for name, v in ALL_BETTER.items() if name != "churn"}
+    decision = decide(comparison(aucs), TASKS)
+    assert decision.verdict == "reject"
+    assert "churn: no holdout examples" in decision.reason
+    assert decision.rule["name"] == "every_task_beats_champion" and decision.per_task["churn"]["mode"] == "missing"
+
+
+def test_undefined_auc_rejects_and_json_has_no_nan():
+    decision = decide(comparison({**ALL_BETTER, "cvr": (math.nan, 0.65)}), TASKS)
+    assert decision.verdict == "reject" and "cvr: challenger AUC undefined" in decision.reason
+    text = json.dumps(decision.as_dict(), allow_nan=False)  # would raise on NaN
+    assert json.loads(text)["per_task"]["cvr"]["challenger_auc"] is None
+
+
+def test_configured_tasks_decide_which_must_pass():
+    only_two = [TaskSpec(name="ctr", sample_space="feed", label="clicked"),
+                TaskSpec(name="churn", sample_space="users", label="churned")]  # fmt: skip
+    aucs = {**ALL_BETTER, "cvr": (0.50, 0.65)}  # a worse task the configuration no longer has
+    decision = decide(comparison(aucs), only_two)
+    assert decision.verdict == "promote" and set(decision.per_task) == {"ctr", "churn"}
+    with pytest.raises(GateError, match="at least one task"):
+        decide(comparison(aucs), [])
+
+
+# --- the record on the model version (real MLflow on SQLite; no training needed) -------------------------
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """A migrated empty MLflow database, copied per test (migrating a new one takes seconds)."""
+    from mtl_core.registry import configure
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    configure(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def client(empty_store, tmp_path):
+    from mtl_core.registry import configure
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _version(client, tmp_path, name="mtl_recommender") -> tuple[str, str]:
+    from mtl_core.registry import run_for_key
+
+    run_id = run_for_key(client, "mtl", "scheduled__2026-02-09")
+    client.create_registered_model(name)
+    source = tmp_path / "fake_model"
+    source.mkdir()
+    mv = client.create_model_version(name, source=str(source), run_id=run_id)
+    return mv.version, run_id
+
+
+def test_record_decision_writes_tags_description_and_comparison_artifact(client, tmp_path):
+    version, run_id = _version(client, tmp_path)
+    cmp = comparison({**ALL_BETTER, "churn": (0.785, 0.79)})
+    decision = decide(cmp, TASKS, GateSettings(require_significance=True))
+    document = record_decision(client, "mtl_recommender", version, decision, cmp, champion_version=7)
+
+    mv = client.get_model_version("mtl_recommender", version)
+    assert mv.tags["gate.verdict"] == "reject"
+    assert mv.tags["gate.reason"] == decision.reason and "churn" in mv.tags["gate.reason"]
+    assert float(mv.tags["gate.churn.auc_delta"]) == pytest.approx(-0.005)
+    assert float(mv.tags["gate.ctr.challenger_auc"]) == pytest.approx(0.71)
+    assert float(mv.tags["gate.ctr.champion_auc"]) == pytest.approx(0.70)
+    assert mv.tags["gate.churn.passed"] == "false" and mv.tags["gate.champion_version"] == "7"
+    assert "**Gate: REJECT**" in mv.description and "against champion v7" in mv.description
+    assert "| churn | 0.7850 | 0.7900 | -0.0050 |" in mv.description
+
+    local = client.download_artifacts(run_id, "gate/comparison.json", str(tmp_path))
+    saved = json.loads(open(local).read())
+    assert saved == document
+    assert saved["candidate"] == {"version": int(version), "run_id": run_id}
+    assert saved["champion"] == {"version": 7}
+    assert saved["verdict"] == "reject" and saved["why"] == decision.reason
+    assert saved["rule"]["require_significance"] is True
+    assert saved["per_task"]["churn"]["delta"] == pytest.approx(-0.005)
+    assert saved["per_task"]["ctr"]["low"] == pytest.approx(0.001) and "high" in saved["per_task"]["ctr"]
+    assert saved["comparison"]["tasks"]["ctr"]["champion"]["auc"] == 0.70
+    assert client.get_run(run_id).data.tags["gate.verdict"] == "reject"
+
+
+def test_a_pass_is_recorded_too_against_the_current_champion(client, tmp_path):
+    version, _ = _version(client, tmp_path)
+    first = decide(comparison({name: (0.65, None) for name in ALL_BETTER}), TASKS)
+    record_decision(client, "mtl_recommender", version, first, {"tasks": {}})  # no champion alias yet
+    mv = client.get_model_version("mtl_recommender", version)
+    assert mv.tags["gate.verdict"] == "promote" and mv.tags["gate.champion_version"] == "none"
+    assert mv.tags["gate.ctr.auc_delta"] == "none"
+    assert "no champion" in mv.description
