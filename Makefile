@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_LOG ?= $(or $(MTL_DATA_DIR),data)/demo.log
 
 .PHONY: demo test lint bench clean
 
@@ -16,14 +17,15 @@ $(STAMP): pyproject.toml
 
 ## Run the main job end to end on the embedded defaults (SQLite warehouse under $$MTL_DATA_DIR, default ./data).
 demo: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mtl demo
+	@mkdir -p $(dir $(DEMO_LOG))
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mtl demo 2> $(DEMO_LOG) || (echo "demo failed; the log is $(DEMO_LOG)"; tail -n 30 $(DEMO_LOG); exit 1)
 
 ## Run the whole test suite (needs the local PostgreSQL server at 127.0.0.1:5432).
 test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check mtl_core tests bench
+	$(BIN)/ruff check mtl_core dags tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/simulate_extract.py

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,9 @@ import typer
 
 from mtl_core.config import Settings, load_settings
 from mtl_core.errors import MtlError
+
+# The repository's dags/ folder (the package is installed in development mode from the repository).
+DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 
 app = typer.Typer(
     help="Multi-task recommender retraining: simulate, extract, import logs, train, gate.",
@@ -129,29 +133,72 @@ def format_description(info: dict[str, Any]) -> str:
 
 @app.command()
 def demo(
-    users: Annotated[int, typer.Option(help="Users of the demo shop")] = 3000,
-    items: Annotated[int, typer.Option(help="Items of the demo shop")] = 800,
-    days: Annotated[int, typer.Option(help="Days of the demo shop")] = 42,
+    users: Annotated[int, typer.Option(help="Users of the demo shop")] = 12000,
+    items: Annotated[int, typer.Option(help="Items of the demo shop")] = 2500,
     config: ConfigOption = None,
 ) -> None:
-    """Simulate a shop, extract its last 28 days and print row counts and label rates."""
-    from mtl_core.ingest import describe_snapshot, extract_snapshot
-    from mtl_core.simulate import ShopSpec, write_shop
+    """The main job end to end: a drifting shop, three weekly DAG runs, then a corrupted week stopped by validation."""
+    import shutil
+    import time
 
-    settings = _settings(config)
+    from mtl_core.registry import configure, format_status
+    from mtl_core.registry import status as registry_status
+    from mtl_core.simulate import ShopSpec, corrupt_interval, write_shop
+
+    began = time.perf_counter()
+    # The demo is a self-contained installation in <data dir>/demo on the embedded defaults (SQLite
+    # warehouse, MLflow and Airflow stores), started afresh each time; nothing else in the data dir is touched.
+    base = _settings(config)
+    demo_dir = (base.data_dir / "demo").resolve()
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    for variable in ("MTL_WAREHOUSE_URL", "MTL_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        os.environ.pop(variable, None)
+    os.environ["MTL_DATA_DIR"] = str(demo_dir)
+    settings = base.model_copy(update={"data_dir": demo_dir, "warehouse_url": "", "mlflow_tracking_uri": ""})
     start = date.fromisoformat(settings.shop.start)
+    weeks = [start + timedelta(days=7 * k) for k in (7, 8, 9, 10)]  # ends of the four intervals the DAG runs for
     engine = _engine(None, settings)
-    typer.echo(f"data dir: {settings.data_dir.resolve()}")
+    typer.echo(f"data dir:  {settings.data_dir.resolve()}")
     typer.echo(f"warehouse: {engine.url.render_as_string(hide_password=True)}")
-    spec = ShopSpec(users=users, items=items, days=days, start=start, seed=settings.shop.seed, drift_day=days // 2)
-    summary = write_shop(engine, spec, replace=True)
-    typer.echo(f"simulated {days} days ({summary.rows['impressions']:,} impressions) in {summary.seconds:.1f} s")
-    end = datetime.combine(start, datetime.min.time()) + timedelta(days=days)
-    begin = end - timedelta(days=28)
-    out = settings.snapshots_dir / f"{begin:%Y%m%d}-{end:%Y%m%d}"
-    manifest = extract_snapshot(engine, begin, end, out)
-    typer.echo(f"extracted [{begin:%Y-%m-%d}, {end:%Y-%m-%d}) to {out} in {manifest['seconds']:.1f} s")
-    typer.echo(format_description(describe_snapshot(out)))
+    typer.echo(f"mlflow:    {settings.resolved_mlflow_tracking_uri}")
+    days = (weeks[-1] - start).days
+    drift_day = (weeks[1] - start).days - 3  # tastes change during the second run's holdout week
+    shop = write_shop(engine, ShopSpec(users=users, items=items, days=days, start=start, seed=settings.shop.seed,
+                                       drift_day=drift_day), replace=True)  # fmt: skip
+    typer.echo(f"simulated {days} days from {start} ({shop.rows['impressions']:,} feed impressions), tastes drift "
+               f"from {start + timedelta(days=drift_day)}")  # fmt: skip
+    client = configure(settings.resolved_mlflow_tracking_uri)
+    for number, end in enumerate(weeks, 1):
+        if number == 4:
+            damage = corrupt_interval(engine, end - timedelta(days=7), end)
+            typer.echo(f"\ncorrupted the week before {end}: {', '.join(damage)}")
+        typer.echo(f"\nrun {number}: mtl_retrain for the interval ending {end} ...")
+        t0 = time.perf_counter()
+        states = run_dag_in_process(settings, end.isoformat())
+        failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
+        typer.echo(f"  tasks: {', '.join(f'{t}={st}' for t, st in states.items())}  ({time.perf_counter() - t0:.0f} s)")
+        if failed:
+            first = next(t for t in ("extract", "validate", "build_features", "train_challenger", "evaluate",
+                                     "register", "gate") if states.get(t) == "failed")  # fmt: skip
+            typer.echo(f"  stopped at {first}; nothing registered after it, champion unchanged")
+            continue
+        comparison = _latest_comparison(settings)
+        for task, entry in comparison["tasks"].items():
+            champion = entry.get("champion")
+            oracle = entry["challenger"].get("oracle_auc")
+            typer.echo(f"  {task:<7} challenger auc {entry['challenger']['auc']:.4f}"
+                       + (f"  champion {champion['auc']:.4f}" if champion else "  (no champion yet)")
+                       + (f"  oracle {oracle:.4f}" if oracle else ""))  # fmt: skip
+        decision = registry_status(client, settings.pipeline.model_name)["last_decision"]
+        typer.echo(f"  verdict: {decision['verdict']} v{decision['version']}: {decision['reason']}")
+    typer.echo("\n" + format_status(registry_status(client, settings.pipeline.model_name)))
+    typer.echo(f"\nreview in the MLflow UI: mlflow ui --backend-store-uri {settings.resolved_mlflow_tracking_uri}")
+    typer.echo(f"demo took {time.perf_counter() - began:.0f} s")
+
+
+def _latest_comparison(settings: Settings) -> dict[str, Any]:
+    runs = sorted((settings.data_dir / "runs").glob("*/comparison.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(runs[-1].read_text())
 
 
 @app.command()
@@ -217,6 +264,113 @@ def evaluate(
         lines.append(f"  {task:<8} auc {m['auc']:.4f} (oracle {oracle})  logloss {m['logloss']:.4f}  "
                      f"ece {m['ece']:.4f}  n {m['n']:,}")  # fmt: skip
     _print(report, as_json, "\n".join(lines))
+
+
+def _airflow_env(settings: Settings) -> dict[str, str]:
+    """The embedded Airflow: home, metadata DB and DAGs folder under the data dir / repo (set before import)."""
+    home = (settings.data_dir / "airflow").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": os.environ.get(
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}"
+        ),
+        "MTL_DATA_DIR": str(settings.data_dir.resolve()),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def run_dag_in_process(settings: Settings, logical_date: str, conf: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run the real DAG for the interval ending at ``logical_date`` in this process, as `airflow dags test`.
+
+    Returns each task's final state. The metadata DB is migrated first when it is new.
+    """
+    import subprocess
+
+    env = _airflow_env(settings)
+    os.environ.update(env)
+    db_file = Path(env["AIRFLOW_HOME"]) / "airflow.db"
+    if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") and not db_file.exists():
+        migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env={**os.environ, **env},
+                                 capture_output=True, text=True)  # fmt: skip
+        if migrate.returncode != 0:
+            raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
+    import pendulum
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    if bag.import_errors:
+        raise MtlError(f"the DAGs folder has import errors: {bag.import_errors}")
+    dag = bag.get_dag("mtl_retrain")
+    run = dag.test(logical_date=pendulum.parse(logical_date, tz="UTC"), run_conf=conf or None)
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+@app.command("run-dag")
+def run_dag(
+    logical_date: Annotated[str, typer.Option("--logical-date", help="YYYY-MM-DD: the run whose interval ends then")],
+    conf: Annotated[str | None, typer.Option(help='Run conf as JSON, e.g. {"settings": {...}}')] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Replay the retraining DAG for one interval in-process; exit 1 if any task failed."""
+    settings = _settings(config)
+    try:
+        run_conf = json.loads(conf) if conf else None
+    except json.JSONDecodeError as exc:
+        _fail(f"--conf is not JSON: {exc}")
+    states = run_dag_in_process(settings, logical_date, run_conf)
+    failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
+    lines = [f"  {task:<18} {state}" for task, state in states.items()]
+    _print({"tasks": states, "failed": failed}, as_json, f"mtl_retrain for {logical_date}:\n" + "\n".join(lines))
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """The champion, the challenger, their per-task metrics and the last gate decision."""
+    from mtl_core.registry import configure, format_status
+    from mtl_core.registry import status as registry_status
+
+    settings = _settings(config)
+    state = registry_status(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name)
+    _print(state, as_json, format_status(state))
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Option(help="Model version to make champion")],
+    by: Annotated[str, typer.Option(help="Who decides (recorded on the version)")],
+    why: Annotated[str, typer.Option(help="Why (recorded on the version)")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Manual override: make VERSION the champion (the old one becomes previous), recording who and why."""
+    from mtl_core.registry import configure
+    from mtl_core.registry import promote as move
+
+    settings = _settings(config)
+    result = move(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, version, by, why)
+    _print(result, as_json, f"version {version} is champion ({json.dumps(result, default=str)})")
+
+
+@app.command()
+def rollback(
+    by: Annotated[str, typer.Option(help="Who decides (recorded)")] = "on-call",
+    why: Annotated[str, typer.Option(help="Why (recorded)")] = "manual rollback",
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Move the champion alias back to the previous champion."""
+    from mtl_core.registry import configure
+    from mtl_core.registry import rollback as move_back
+
+    settings = _settings(config)
+    result = move_back(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, by, why)
+    _print(result, as_json, f"rolled back: {json.dumps(result, default=str)}")
 
 
 @app.command("import-logs")

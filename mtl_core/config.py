@@ -138,6 +138,40 @@ class TrainSettings(_Strict):
     threads: int = Field(1, ge=1)
 
 
+class GateSettings(_Strict):
+    """Knobs of the promotion rule; the defaults are the product's promise (every task strictly better)."""
+
+    # The challenger's AUC must exceed the champion's by strictly more than this, on every task.
+    min_delta: float = Field(0.0, ge=0)
+    # Also require the paired-bootstrap lower bound of the AUC difference to be above 0: a gain that could
+    # be resampling noise does not promote.
+    require_significance: bool = False
+    # Guardrails: the secondary metrics may not get worse by more than this (None: not checked).
+    max_logloss_increase: float | None = Field(None, ge=0)
+    max_ece_increase: float | None = Field(None, ge=0)
+    # Absolute AUC floors when there is no champion to beat; None (or a task not listed) uses TaskSpec.floor.
+    floors: dict[str, float] | None = None
+
+
+class PipelineSettings(_Strict):
+    """The retraining DAG: when it runs, what window it trains on, where models are registered."""
+
+    # Cron of the data intervals (CronDataIntervalTimetable): by default weekly, Monday 00:00 UTC.
+    schedule: str = "0 0 * * 1"
+    start_date: str = "2026-01-05"
+    # Training window ending at the interval's end; its newest features.holdout_days are the holdout.
+    lookback_days: int = Field(28, ge=7)
+    model_name: str = "mtl_recommender"
+    experiment: str = "mtl_retrain"
+    # Start each challenger from the champion's weights (vocabularies grown for new ids).
+    warm_start: bool = True
+    bootstrap_samples: int = Field(200, ge=0)
+    # On-call notifications: a URL to POST the failure message to (empty: the task log only).
+    webhook_url: str = ""
+    retries: int = Field(2, ge=0)
+    retry_delay_seconds: int = Field(30, ge=0)
+
+
 class Settings(_Strict):
     data_dir: Path = Path("data")
     # Empty means the embedded default: sqlite:///<data_dir>/warehouse.db
@@ -151,6 +185,8 @@ class Settings(_Strict):
     text: TextSettings = TextSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    gate: GateSettings = GateSettings()
 
     @property
     def resolved_warehouse_url(self) -> str:
@@ -205,6 +241,18 @@ def _describe(error: dict[str, Any], origin: dict[tuple[str, ...], str], config_
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{name}' (from {source})"
     return f"setting '{name}' (from {source}): {error['msg']}; got {error.get('input')!r}"
+
+
+def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """The settings with a nested dict of overrides applied (a DAG run's conf), validated like a file."""
+    if not overrides:
+        return settings
+    try:
+        return Settings(**_deep_merge(settings.model_dump(), overrides))
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err, {}, None).replace("(from defaults)", "(from the run's conf)")
+                             for err in exc.errors())  # fmt: skip
+        raise ConfigError(f"invalid settings override: {problems}") from None
 
 
 def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:

@@ -21,9 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from mtl_core.config import TaskSpec
+from mtl_core.config import GateSettings, TaskSpec
 from mtl_core.errors import MtlError
 
 if TYPE_CHECKING:
@@ -35,23 +33,6 @@ TAG_PREFIX = "gate."
 
 class GateError(MtlError):
     """The gate could not decide or record its decision; the message says what is missing."""
-
-
-class GateSettings(BaseModel):
-    """Knobs of the promotion rule; the defaults are the product's promise (every task strictly better)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    # The challenger's AUC must exceed the champion's by strictly more than this, on every task.
-    min_delta: float = Field(0.0, ge=0)
-    # Also require the paired-bootstrap lower bound of the AUC difference to be above 0: a gain that could
-    # be resampling noise does not promote.
-    require_significance: bool = False
-    # Guardrails: the secondary metrics may not get worse by more than this (None: not checked).
-    max_logloss_increase: float | None = Field(None, ge=0)
-    max_ece_increase: float | None = Field(None, ge=0)
-    # Absolute AUC floors when there is no champion to beat; None (or a task not listed) uses TaskSpec.floor.
-    floors: dict[str, float] | None = None
 
 
 @dataclass

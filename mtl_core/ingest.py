@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,12 @@ class ExtractionError(MtlError):
     pass
 
 
-def parse_instant(value: str | datetime, name: str) -> datetime:
+def parse_instant(value: str | date | datetime, name: str) -> datetime:
     """'2026-01-05', '2026-01-05T12:00' or an aware ISO time -> naive UTC datetime (the warehouse's form)."""
     if isinstance(value, datetime):
         parsed = value
+    elif isinstance(value, date):
+        parsed = datetime(value.year, value.month, value.day)
     else:
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))

@@ -338,7 +338,12 @@ def _gx_context(docs_dir: Path | None) -> Any:
     The default ephemeral context would add a docs site in a fresh temporary directory and print progress
     bars for every suite; both are noise in a pipeline task.
     """
+    import logging
+
     import great_expectations as gx
+
+    # GX logs its datasource bookkeeping at INFO, which lands in the middle of a task's output.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
