@@ -282,10 +282,10 @@ def _airflow_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def run_dag_in_process(settings: Settings, logical_date: str, conf: dict[str, Any] | None = None) -> dict[str, str]:
-    """Run the real DAG for the interval ending at ``logical_date`` in this process, as `airflow dags test`.
+def prepare_airflow(settings: Settings) -> None:
+    """Point this process's Airflow at the embedded installation and migrate its metadata DB when new.
 
-    Returns each task's final state. The metadata DB is migrated first when it is new.
+    Must run before anything imports airflow: Airflow reads its configuration once, on first import.
     """
     import subprocess
 
@@ -297,6 +297,14 @@ def run_dag_in_process(settings: Settings, logical_date: str, conf: dict[str, An
                                  capture_output=True, text=True)  # fmt: skip
         if migrate.returncode != 0:
             raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
+
+
+def run_dag_in_process(settings: Settings, logical_date: str, conf: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run the real DAG for the interval ending at ``logical_date`` in this process, as `airflow dags test`.
+
+    Returns each task's final state.
+    """
+    prepare_airflow(settings)
     import pendulum
     from airflow.dag_processing.dagbag import DagBag
 

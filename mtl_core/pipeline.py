@@ -201,6 +201,14 @@ def register(
     from mtl_core.features import build_examples, examples_frame
     from mtl_core.registry import holdout_predictions, log_and_register_model, log_training, run_for_key
 
+    # Record where things resolved to, not how they were spelt: a retry that finds the same store through
+    # another route (MLFLOW_TRACKING_URI instead of the default) is the same configuration.
+    settings = settings.model_copy(
+        update={
+            "warehouse_url": settings.resolved_warehouse_url,
+            "mlflow_tracking_uri": settings.resolved_mlflow_tracking_uri,
+        }
+    )
     client = _client(settings)
     run_id = run_for_key(client, settings.pipeline.experiment, run_key, run_name=f"retrain {data_interval['end']}")
     comparison = json.loads(Path(comparison_path).read_text())

@@ -18,9 +18,9 @@ from mtl_core.train import train
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("behaviour")
     engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
-    write_shop(engine, ShopSpec(users=4000, items=800, days=42, start=date(2026, 1, 5), seed=21))
+    write_shop(engine, ShopSpec(users=8000, items=1200, days=42, start=date(2026, 1, 5), seed=21))
     extract_snapshot(engine, "2026-01-05", "2026-02-16", root / "snap")
-    settings = load_settings(environ={"MTL_DATA_DIR": str(root), "MTL_TRAIN__EPOCHS": "3"})
+    settings = load_settings(environ={"MTL_DATA_DIR": str(root)})
     train(root / "snap", root / "model", settings, progress=False)
     return evaluate_model(root / "model", root / "snap", truth_engine=engine)
 
