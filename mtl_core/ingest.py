@@ -174,7 +174,7 @@ def extract_snapshot(
             "seconds": round(time.perf_counter() - began, 3),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     except SQLAlchemyError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExtractionError(
@@ -188,8 +188,11 @@ def extract_snapshot(
     return manifest
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move the finished snapshot into place; an older one is moved aside first and removed after."""
+def replace_dir(staging: Path, out: Path) -> None:
+    """Move a finished directory into place; an older one is moved aside first and removed after.
+
+    Readers see the old directory or the new one, never a half-written mix.
+    """
     if out.exists():
         aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(aside)

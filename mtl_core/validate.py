@@ -89,7 +89,7 @@ import pyarrow.parquet as pq
 
 from mtl_core import warehouse as wh
 from mtl_core.errors import MtlError
-from mtl_core.ingest import read_manifest
+from mtl_core.ingest import read_manifest, replace_dir
 
 VALIDATION_DIR = "validation"
 RESULT_FILE = "result.json"
@@ -802,13 +802,7 @@ def _write_outputs(report: ValidationReport, context: Any, staging: Path, data_d
     payload = {"summary": report.summary(), "gx_results": report.gx_results}
     (staging / RESULT_FILE).write_text(json.dumps(payload, indent=1, default=str) + "\n")
     (staging / REPORT_FILE).write_text(_html_report(report))
-    if final.exists():
-        aside = report.snapshot_dir / f".{VALIDATION_DIR}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(aside)
-        staging.rename(final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        staging.rename(final)
+    replace_dir(staging, final)
 
 
 def run_validation(snapshot_dir: str | Path, previous_snapshot_dir: str | Path | None = None) -> dict[str, Any]:
