@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -174,13 +176,18 @@ def demo(
             typer.echo(f"\ncorrupted the week before {end}: {', '.join(damage)}")
         typer.echo(f"\nrun {number}: mtl_retrain for the interval ending {end} ...")
         t0 = time.perf_counter()
-        states = run_dag_in_process(settings, end.isoformat())
+        states = run_dag_in_process(settings, end.isoformat(), quiet=True)
         failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
         typer.echo(f"  tasks: {', '.join(f'{t}={st}' for t, st in states.items())}  ({time.perf_counter() - t0:.0f} s)")
         if failed:
             first = next(t for t in ("extract", "validate", "build_features", "train_challenger", "evaluate",
                                      "register", "gate") if states.get(t) == "failed")  # fmt: skip
             typer.echo(f"  stopped at {first}; nothing registered after it, champion unchanged")
+            for result in settings.snapshots_dir.glob(f"*-{end:%Y%m%d}/validation/result.json"):
+                for failure in json.loads(result.read_text())["summary"]["failures"]:
+                    where = f"{failure['table']}.{failure['column']}"
+                    seen = f"{failure['unexpected_count']} unexpected, e.g. {failure['sample_values'][:3]}"
+                    typer.echo(f"    {where}: {failure['expectation']} ({seen})")
             continue
         comparison = _latest_comparison(settings)
         for task, entry in comparison["tasks"].items():
@@ -299,11 +306,30 @@ def prepare_airflow(settings: Settings) -> None:
             raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
 
 
-def run_dag_in_process(settings: Settings, logical_date: str, conf: dict[str, Any] | None = None) -> dict[str, str]:
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Airflow's task logs) to stderr for a while, at the descriptor level."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run_dag_in_process(
+    settings: Settings, logical_date: str, conf: dict[str, Any] | None = None, quiet: bool = False
+) -> dict[str, str]:
     """Run the real DAG for the interval ending at ``logical_date`` in this process, as `airflow dags test`.
 
-    Returns each task's final state.
+    Returns each task's final state. ``quiet`` sends Airflow's task logs to stderr instead of stdout.
     """
+    if quiet:
+        with _stdout_to_stderr():
+            return run_dag_in_process(settings, logical_date, conf)
     prepare_airflow(settings)
     import pendulum
     from airflow.dag_processing.dagbag import DagBag
