@@ -340,7 +340,7 @@ def pcgrad_project(grads: Sequence[Tensor], generator: torch.Generator | None = 
     return projected
 
 
-class PCGradWeighting(TaskWeighting):
+class PCGradWeighting(_StaticWeighting):
     """PCGrad on the shared parameters; task-specific parameters get their plain gradients.
 
     Per-task gradients are those of ``lambda_t L_t`` with the configured fixed lambdas (1 by default, i.e.
@@ -354,16 +354,9 @@ class PCGradWeighting(TaskWeighting):
         lambdas: Sequence[float] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(task_names)
-        lambdas = [1.0] * len(task_names) if lambdas is None else list(lambdas)
-        if len(lambdas) != len(task_names):
-            raise LossSettingsError(f"got {len(lambdas)} weights for {len(task_names)} tasks")
-        self.register_buffer("lambdas", torch.tensor([float(x) for x in lambdas]))
+        super().__init__(task_names, [1.0] * len(task_names) if lambdas is None else list(lambdas))
         # None: torch's global RNG, which the trainer seeds.
         self.generator = generator
-
-    def weights(self) -> Tensor:
-        return self.lambdas.detach().clone()
 
     def backward(
         self,

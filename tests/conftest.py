@@ -87,3 +87,20 @@ def make_tiny_bert(path: Path, seed: int, hidden: int = 32) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_path(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_shared"), seed=0)
+
+
+def tiny_training_env(data_dir: Path, tiny_bert_path: Path) -> dict[str, str]:
+    """Settings for training in about a second on a small shop: the tiny BERT, short splits, few steps."""
+    return {
+        "MTL_DATA_DIR": str(data_dir),
+        "MTL_TEXT__MODEL_PATH": str(tiny_bert_path),
+        "MTL_FEATURES__HISTORY_DAYS": "3",
+        "MTL_FEATURES__VALID_DAYS": "3",
+        "MTL_FEATURES__HOLDOUT_DAYS": "4",
+        "MTL_FEATURES__CHURN_CUTOFF_STEP_DAYS": "2",
+        "MTL_TRAIN__EPOCHS": "2",
+        "MTL_TRAIN__STEPS_PER_EPOCH": "12",
+        "MTL_TRAIN__EVALS_PER_EPOCH": "2",
+        "MTL_TRAIN__BATCH_SIZE": "256",
+        "MTL_TRAIN__PATIENCE": "0",
+    }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_training_env
 
 from mtl_core import registry as reg
 from mtl_core import warehouse as wh
@@ -34,21 +35,7 @@ def trained(tmp_path_factory, tiny_bert_path):
     engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
     write_shop(engine, ShopSpec(users=600, items=150, days=35, start=date(2026, 1, 5), seed=5))
     extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap")
-    settings = load_settings(
-        environ={
-            "MTL_DATA_DIR": str(root / "data"),
-            "MTL_TEXT__MODEL_PATH": str(tiny_bert_path),
-            "MTL_FEATURES__HISTORY_DAYS": "3",
-            "MTL_FEATURES__VALID_DAYS": "3",
-            "MTL_FEATURES__HOLDOUT_DAYS": "4",
-            "MTL_FEATURES__CHURN_CUTOFF_STEP_DAYS": "2",
-            "MTL_TRAIN__EPOCHS": "2",
-            "MTL_TRAIN__STEPS_PER_EPOCH": "12",
-            "MTL_TRAIN__EVALS_PER_EPOCH": "2",
-            "MTL_TRAIN__BATCH_SIZE": "256",
-            "MTL_TRAIN__PATIENCE": "0",
-        }
-    )
+    settings = load_settings(environ=tiny_training_env(root / "data", tiny_bert_path))
     first = train(root / "snap", root / "model_a", settings, progress=False)
     other = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": 1})})
     train(root / "snap", root / "model_b", other, progress=False)

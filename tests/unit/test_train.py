@@ -8,6 +8,7 @@ from datetime import date
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_training_env
 from typer.testing import CliRunner
 
 from mtl_core import warehouse as wh
@@ -32,21 +33,7 @@ def shop(tmp_path_factory):
 
 @pytest.fixture
 def settings(shop, tiny_bert_path, tmp_path):
-    return load_settings(
-        environ={
-            "MTL_DATA_DIR": str(tmp_path),
-            "MTL_TEXT__MODEL_PATH": str(tiny_bert_path),
-            "MTL_FEATURES__HISTORY_DAYS": "3",
-            "MTL_FEATURES__VALID_DAYS": "3",
-            "MTL_FEATURES__HOLDOUT_DAYS": "4",
-            "MTL_FEATURES__CHURN_CUTOFF_STEP_DAYS": "2",
-            "MTL_TRAIN__EPOCHS": "2",
-            "MTL_TRAIN__STEPS_PER_EPOCH": "12",
-            "MTL_TRAIN__EVALS_PER_EPOCH": "2",
-            "MTL_TRAIN__BATCH_SIZE": "256",
-            "MTL_TRAIN__PATIENCE": "0",
-        }
-    )
+    return load_settings(environ=tiny_training_env(tmp_path, tiny_bert_path))
 
 
 def test_training_writes_a_model_that_scores_unseen_ids(shop, settings, tmp_path):
