@@ -93,7 +93,7 @@ class ShopSpec:
     drift_day: int | None = None
     # Mean number of items in one feed session and mean ads per session.
     feed_length: float = 10.0
-    ads_per_session: float = 0.8
+    ads_per_session: float = 2.0
     # How strongly tastes change at the drift day (0 = not at all, 1 = all new).
     drift_strength: float = 0.7
 
