@@ -313,6 +313,14 @@ class TextEncoder(torch.nn.Module):
         return out
 
 
+_WORD = re.compile(r"[\w%'&+-]+")
+
+
+def split_words(text: str) -> list[str]:
+    """Lower-cased words of a text, punctuation dropped ("Today only: 40% off" -> today, only, 40%, off)."""
+    return _WORD.findall(text.lower())
+
+
 def encoder_from_settings(settings: TextSettings) -> TextEncoder:
     """The encoder described by the ``text`` settings (an empty model_path means the packaged MiniLM).
 

@@ -53,21 +53,34 @@ class TrainingError(MtlError):
 def text_matrix(
     texts: list[str], settings: Settings, cache_dir: Path, progress: bool = True, encoder: torch.nn.Module | None = None
 ) -> np.ndarray:
-    """[len(texts) + 1, dim] float32; row 0 (no text) is zeros and replaced by a learned vector in the model.
+    """Row 0 (no text) is zeros and replaced by a learned vector in the model.
 
+    ``text.pooling`` "sentence": [len(texts) + 1, dim], one vector per text. "words": [len(texts) + 1,
+    max_words, dim], one vector per word, zero rows after the last word (the model's padding mask).
     A frozen encoder's vectors come from the on-disk cache; a fine-tuned encoder (``encoder``) embeds the
     texts itself, since its vectors change as it trains.
     """
-    from mtl_core.text import EmbeddingCache, encoder_from_settings
+    from mtl_core.text import EmbeddingCache, encoder_from_settings, split_words
 
     if encoder is not None:
         vectors = encoder.encode(texts, batch_size=settings.text.batch_size, progress=progress)
-    else:
-        frozen = encoder_from_settings(settings.text)
-        cache = EmbeddingCache(cache_dir, frozen)
+        return np.vstack([np.zeros((1, encoder.dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
+    frozen = encoder_from_settings(settings.text)
+    cache = EmbeddingCache(cache_dir, frozen)
+    if settings.text.pooling == "sentence":
         vectors = cache.get(texts, progress=progress, batch_size=settings.text.batch_size)
-        encoder = frozen
-    return np.vstack([np.zeros((1, encoder.dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
+        return np.vstack([np.zeros((1, frozen.dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
+    words = [split_words(text)[: settings.text.max_words] for text in texts]
+    vocabulary = sorted({word for text_words in words for word in text_words})
+    word_vectors = np.asarray(
+        cache.get(vocabulary, progress=progress, batch_size=settings.text.batch_size), dtype=np.float32
+    ).reshape(len(vocabulary), frozen.dim)
+    index = {word: i for i, word in enumerate(vocabulary)}
+    out = np.zeros((len(texts) + 1, settings.text.max_words, frozen.dim), dtype=np.float32)
+    for row, text_words in enumerate(words, start=1):
+        if text_words:
+            out[row, : len(text_words)] = word_vectors[[index[word] for word in text_words]]
+    return out
 
 
 def finetuned_encoder(settings: Settings) -> torch.nn.Module | None:
@@ -85,7 +98,7 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor  # [B, T] with NaN where undefined
     drawn_for: torch.Tensor  # [B] which task each row was drawn for
-    text: torch.Tensor | None  # [B, dim] precomputed text vectors (frozen encoder)
+    text: torch.Tensor | None  # [B, dim] text vectors, or [distinct texts, words, dim] word vectors
     text_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # fine-tuning: ids, mask, inverse
 
 
@@ -109,7 +122,14 @@ class TensorData:
     def batch(self, rows: np.ndarray, drawn_for: np.ndarray | None = None) -> Batch:
         index = torch.from_numpy(rows)
         inputs = {name: tensor[index] for name, tensor in self.inputs.items()}
-        text = self.texts[inputs["text"]] if self.texts is not None else None
+        text = None
+        if self.texts is not None and self.texts.dim() == 3:
+            # Word vectors are [words, dim] per text: gather each distinct text of the batch once and tell
+            # the model which row is which (a batch of 1024 rows holds a few hundred distinct titles).
+            unique, inputs["text_row"] = torch.unique(inputs["text"], return_inverse=True)
+            text = self.texts[unique]
+        elif self.texts is not None:
+            text = self.texts[inputs["text"]]
         drawn = torch.from_numpy(drawn_for) if drawn_for is not None else torch.full((len(rows),), -1)
         tokens = None
         if self.tokens is not None:
@@ -317,14 +337,24 @@ def train(
     else:
         texts = text_matrix(examples.texts, settings, cache_dir, progress) if settings.text.enabled else None
         data = TensorData(examples, space, texts)
-        text_in = texts.shape[1] if texts is not None else 0
-    model = build_model(space.sizes(), examples.task_names, settings.model, text_in, settings.text.enabled, encoder)
-    if settings.text.enabled and previous is None:
+        text_in = texts.shape[-1] if texts is not None else 0
+    model = build_model(
+        space.sizes(), examples.task_names, settings.model, text_in, settings.text.enabled, encoder,
+        word_pooling=settings.text.pooling == "words" and encoder is None,
+    )  # fmt: skip
+    if previous is not None:
+        _warm_start(model, previous.model)
+    # A warm start keeps the earlier text statistics, unless the text arrives in another form now
+    # (sentence vs word vectors, another encoder): statistics of one form would mis-scale the other.
+    same_text_form = (
+        previous is not None
+        and previous.text_in == text_in
+        and (previous.model.inputs.word_layer is None) == (model.inputs.word_layer is None)
+    )
+    if settings.text.enabled and not same_text_form:
         initial = data.texts if encoder is None else torch.from_numpy(
             text_matrix(examples.texts, settings, cache_dir, False, encoder))  # fmt: skip
         model.inputs.set_text_statistics(initial[1:])
-    if previous is not None:
-        _warm_start(model, previous.model)
 
     task_rows = [examples.task_rows(t, "train") for t in range(len(tasks))]
     temperature = cfg.temperature if cfg.sampling == "temperature" else 1.0
@@ -473,10 +503,9 @@ class LoadedModel:
 
 def save_model(out: Path, model: MultiTaskModel, space: FeatureSpace, settings: Settings, tasks: list[TaskSpec],
                metrics: dict[str, Any]) -> None:  # fmt: skip
-    text_in = model.inputs.text_projection.in_features if model.inputs.text_projection is not None else 0
     torch.save(
         {"state_dict": model.state_dict(), "task_names": model.task_names, "vocab_sizes": space.sizes(),
-         "text_in": text_in},
+         "text_in": model.inputs.text_in},
         out / MODEL_FILE,
     )  # fmt: skip
     space.save(out / FEATURES_FILE)
@@ -495,8 +524,9 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
     space = FeatureSpace.load(path / FEATURES_FILE)
     encoder = finetuned_encoder(settings)
     model = build_model(
-        stored["vocab_sizes"], stored["task_names"], settings.model, stored["text_in"], stored["text_in"] > 0, encoder
-    )
+        stored["vocab_sizes"], stored["task_names"], settings.model, stored["text_in"], stored["text_in"] > 0, encoder,
+        word_pooling=settings.text.pooling == "words" and encoder is None,
+    )  # fmt: skip
     model.load_state_dict(stored["state_dict"])
     model.eval()
     return LoadedModel(

@@ -38,6 +38,7 @@ class InputEncoder(nn.Module):
         text_dim: int,
         use_text: bool,
         id_features: tuple[str, ...] = ("user", "item", "ad"),
+        word_pooling: bool = False,
     ):
         super().__init__()
         self.names = [name for name in CATEGORICAL if name not in ID_FEATURES or name in id_features]
@@ -45,7 +46,13 @@ class InputEncoder(nn.Module):
         for embedding in self.embeddings.values():
             nn.init.normal_(embedding.weight, std=0.05)
         self.use_text = use_text
-        self.text_projection = nn.Linear(text_in, text_dim) if use_text else None
+        self.text_in = text_in if use_text else 0
+        # Word vectors ([B, words, text_in]) go through one shared per-word layer with a ReLU before they are
+        # averaged, so a word's feature fires where the word (or a synonym) occurs, whatever else the title
+        # says; sentence vectors ([B, text_in]) go straight to the projection.
+        self.word_layer = nn.Sequential(nn.Linear(text_in, text_dim), nn.ReLU()) if use_text and word_pooling else None
+        projection_in = text_dim if self.word_layer is not None else text_in
+        self.text_projection = nn.Linear(projection_in, text_dim) if use_text else None
         # Sentence embeddings of short titles share a large common component (per-dimension mean ~0.1 against
         # a spread of ~0.3 between items); standardising each dimension with the training texts' statistics
         # lets the projection see what tells items apart from the first step.
@@ -62,7 +69,10 @@ class InputEncoder(nn.Module):
         )
 
     def set_text_statistics(self, vectors: torch.Tensor) -> None:
-        """Per-dimension mean and spread of the training texts' embeddings (saved with the model)."""
+        """Per-dimension mean and spread of the training texts' (or words') embeddings (saved with the model)."""
+        if vectors.dim() == 3:  # word vectors: the real words, not the padding
+            vectors = vectors.reshape(-1, vectors.shape[-1])
+            vectors = vectors[vectors.abs().sum(dim=1) > 0]
         if len(vectors) > 1:
             self.text_mean.copy_(vectors.mean(dim=0))
             self.text_std.copy_(vectors.std(dim=0).clamp_min(1e-4))
@@ -79,7 +89,14 @@ class InputEncoder(nn.Module):
         parts = [embedded[name] for name in self.names] + [batch["numeric"]]
         fields = [embedded[name] for name in self.names] + [self.dense_field(batch["numeric"])]
         if self.use_text:
-            projected = self.text_projection((text_embedding - self.text_mean) / self.text_std)
+            standardised = (text_embedding - self.text_mean) / self.text_std
+            if self.word_layer is not None:
+                is_word = (text_embedding.abs().sum(dim=2, keepdim=True) > 0).to(standardised.dtype)
+                per_word = self.word_layer(standardised) * is_word
+                standardised = per_word.sum(dim=1) / is_word.sum(dim=1).clamp_min(1.0)
+                if "text_row" in batch:  # one row per distinct text of the batch: spread them to the rows
+                    standardised = standardised[batch["text_row"]]
+            projected = self.text_projection(standardised)
             has_text = (batch["text"] > 0).unsqueeze(1)
             text = torch.where(has_text, projected, self.no_text.expand_as(projected))
             parts.append(text)

@@ -25,6 +25,7 @@ class MultiTaskModel(nn.Module):
         text_in: int,
         use_text: bool,
         text_encoder: nn.Module | None = None,
+        word_pooling: bool = False,
     ):
         super().__init__()
         # Only when the text encoder is fine-tuned inside the joint loss; a frozen one lives outside.
@@ -34,7 +35,8 @@ class MultiTaskModel(nn.Module):
         self.task_names = list(task_names)
         self.settings = settings
         self.inputs = InputEncoder(
-            vocab_sizes, settings.id_dim, text_in, settings.text_dim, use_text, tuple(settings.id_features)
+            vocab_sizes, settings.id_dim, text_in, settings.text_dim, use_text, tuple(settings.id_features),
+            word_pooling,
         )
         inp, n = self.inputs.output_dim, len(task_names)
         if settings.architecture == "shared_bottom":
@@ -50,6 +52,16 @@ class MultiTaskModel(nn.Module):
             [nn.Sequential(mlp(self.shared.output_dim, settings.tower_dim, settings.dropout),
                            nn.Linear(settings.tower_dim, 1)) for _ in task_names]
         )  # fmt: skip
+        # One read-out per transfer pair whose tasks both exist; zero-initialised, so training starts from
+        # the towers alone and the target learns how much of the source's tower to use.
+        self.transfer_pairs = [
+            (self.task_names.index(source), self.task_names.index(target))
+            for source, target in settings.transfer
+            if source in self.task_names and target in self.task_names and source != target
+        ]
+        self.transfers = nn.ModuleList([nn.Linear(settings.tower_dim, 1, bias=False) for _ in self.transfer_pairs])
+        for readout in self.transfers:
+            nn.init.zeros_(readout.weight)
         first, second = settings.esmm_pair
         self.esmm_pair = (
             (self.task_names.index(first), self.task_names.index(second))
@@ -68,7 +80,11 @@ class MultiTaskModel(nn.Module):
             text_embedding = self.text_encoder(input_ids, attention_mask)[inverse]
         x = self.inputs(batch, text_embedding)
         representations = self.shared(x)
-        return torch.cat([tower(h) for tower, h in zip(self.towers, representations, strict=True)], dim=1)
+        hidden = [tower[0](h) for tower, h in zip(self.towers, representations, strict=True)]
+        logits = [tower[1](h) for tower, h in zip(self.towers, hidden, strict=True)]
+        for (source, target), readout in zip(self.transfer_pairs, self.transfers, strict=True):
+            logits[target] = logits[target] + readout(hidden[source])
+        return torch.cat(logits, dim=1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """What every task's gradient flows through: the input encoder and the shared architecture."""
@@ -86,5 +102,6 @@ def build_model(
     text_in: int,
     use_text: bool,
     text_encoder: nn.Module | None = None,
+    word_pooling: bool = False,
 ) -> MultiTaskModel:
-    return MultiTaskModel(vocab_sizes, task_names, settings, text_in, use_text, text_encoder)
+    return MultiTaskModel(vocab_sizes, task_names, settings, text_in, use_text, text_encoder, word_pooling)

@@ -72,3 +72,60 @@ def test_id_embeddings_are_learned_only_when_configured():
     assert "item" in with_items.inputs.embeddings and "user" not in with_items.inputs.embeddings
     batch, text = _batch()
     assert with_items(batch, text).shape == without(batch, text).shape == (32, 4)
+
+
+def _word_batch(n_texts: int = 5, words: int = 6, dim: int = 12, seed: int = 0):
+    """Word vectors [texts + 1, words, dim] with a different number of words per text (row 0: no text)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(n_texts + 1, words, dim, generator=g)
+    table[0] = 0
+    for row in range(1, n_texts + 1):
+        table[row, 1 + row % (words - 1) :] = 0  # padding after the text's last word
+    return table
+
+
+def test_word_pooling_ignores_padding_and_word_order():
+    model = build_model(SIZES, TASKS, ModelSettings(dropout=0.0), 12, True, word_pooling=True).eval()
+    table = _word_batch()
+    batch, _ = _batch()
+    batch["text"] = torch.randint(1, 6, (32,))
+    reordered = table.clone()
+    reordered[:, :2] = table[:, [1, 0]]  # the first two words swapped
+    padded = torch.cat([table, torch.zeros(6, 4, 12)], dim=1)  # four more padding slots
+    with torch.no_grad():
+        expected = model(batch, table[batch["text"]])
+        torch.testing.assert_close(model(batch, reordered[batch["text"]]), expected)
+        torch.testing.assert_close(model(batch, padded[batch["text"]]), expected)
+        # The batch form training uses: each distinct text once, and which row is which text.
+        unique, rows = torch.unique(batch["text"], return_inverse=True)
+        torch.testing.assert_close(model(dict(batch, text_row=rows), table[unique]), expected)
+
+
+def test_word_pooling_gives_every_text_its_own_vector_and_a_change_of_word_moves_it():
+    model = build_model(SIZES, TASKS, ModelSettings(dropout=0.0), 12, True, word_pooling=True).eval()
+    table = _word_batch()
+    batch, _ = _batch()
+    batch["text"][:] = 1
+    changed = table.clone()
+    changed[1, 0] = torch.randn(12)
+    with torch.no_grad():
+        assert not torch.allclose(model(batch, table[batch["text"]]), model(batch, changed[batch["text"]]))
+
+
+def test_transfer_starts_as_no_transfer_and_learns_from_the_source_tower():
+    torch.manual_seed(0)
+    plain = build_model(SIZES, TASKS, ModelSettings(dropout=0.0), 12, True).eval()
+    transfer = build_model(SIZES, TASKS, ModelSettings(dropout=0.0, transfer=[("ctr", "cvr"), ("ctr", "gone")]), 12,
+                           True).eval()  # fmt: skip
+    transfer.load_state_dict(plain.state_dict(), strict=False)
+    assert transfer.transfer_pairs == [(0, 1)]  # pairs naming a task the model lacks are skipped
+    batch, text = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(transfer(batch, text), plain(batch, text))  # zero read-out at the start
+    transfer(batch, text)[:, 1].sum().backward()
+    assert transfer.transfers[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        transfer.transfers[0].weight.fill_(1.0)
+        moved = transfer(batch, text) - plain(batch, text)
+    assert moved[:, 1].abs().sum() > 0
+    torch.testing.assert_close(moved[:, [0, 2, 3]], torch.zeros(32, 3))  # only the target task moves

@@ -101,7 +101,7 @@ def test_log_training_records_config_metrics_curves_lineage_and_plots(client, tr
     run = client.get_run(run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["train.lr"] == str(settings.train.lr) and params["tasks.ctr.floor"] == "0.6"
-    assert params["model.architecture"] == "mmoe" and "s3cret" not in params["warehouse_url"]
+    assert params["model.architecture"] == settings.model.architecture and "s3cret" not in params["warehouse_url"]
     assert metrics["ctr/auc"] == pytest.approx(evaluated["tasks"]["ctr"]["auc"])
     assert {"cvr/logloss", "churn/ece", "champion/ad_ctr/auc", "single/cvr/auc"} <= set(metrics)
     curve = client.get_metric_history(run_id, "curve/valid/ctr/auc")

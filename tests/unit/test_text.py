@@ -12,7 +12,7 @@ from conftest import WORDS, make_tiny_bert
 
 from mtl_core.config import TextSettings
 from mtl_core.errors import MtlError
-from mtl_core.text import EmbeddingCache, TextEncoder, default_model_path, encoder_from_settings
+from mtl_core.text import EmbeddingCache, TextEncoder, default_model_path, encoder_from_settings, split_words
 
 N_LAYERS = 4
 
@@ -239,3 +239,32 @@ def test_packaged_minilm_embeds_meaning():
         return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
 
     assert cos(a, b) > cos(a, c) + 0.3
+
+
+# -- word vectors -----------------------------------------------------------------------------------------
+
+
+def test_split_words():
+    assert split_words("Today only: 40% off Nordwind  high-end, children's SHOES") == [
+        "today", "only", "40%", "off", "nordwind", "high-end", "children's", "shoes",
+    ]  # fmt: skip
+    assert split_words(" !! ") == []
+
+
+def test_word_matrix_holds_each_words_own_vector_padded_and_encodes_each_word_once(tiny_path, tmp_path):
+    from mtl_core.config import Settings
+    from mtl_core.train import text_matrix
+
+    settings = Settings(text=TextSettings(model_path=str(tiny_path), pooling="words", max_words=4))
+    texts = ["premium leather shoes", "board game for kids and black lamp", "!!", "Shoes, premium"]
+    matrix = text_matrix(texts, settings, tmp_path, progress=False)
+    assert matrix.shape == (5, 4, 32)
+    assert not matrix[0].any() and not matrix[3].any()  # no text, and a text without words
+    words = TextEncoder(tiny_path).encode(["premium", "leather", "shoes", "board", "game", "for", "kids"],
+                                          progress=False)  # fmt: skip
+    np.testing.assert_allclose(matrix[1, :3], words[:3], atol=1e-5)
+    assert not matrix[1, 3].any()  # padding after the third word
+    np.testing.assert_allclose(matrix[2], words[3:7], atol=1e-5)  # cut at max_words
+    np.testing.assert_allclose(matrix[4, :2], words[[2, 0]], atol=1e-5)  # lower-cased, punctuation dropped
+    cache = EmbeddingCache(tmp_path, TextEncoder(tiny_path, max_length=settings.text.max_length))
+    assert len(cache) == 7  # distinct words, each encoded once

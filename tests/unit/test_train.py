@@ -103,6 +103,19 @@ def test_warm_start_keeps_old_weights_and_grows_vocabularies(shop, settings, tmp
     assert torch.equal(after[n_old:], before[n_old:])
 
 
+def test_warm_start_keeps_text_statistics_unless_the_text_form_changes(shop, settings, tmp_path):
+    sentence = settings.model_copy(update={"text": settings.text.model_copy(update={"pooling": "sentence"})})
+    train(shop / "mid", tmp_path / "sentence", sentence, progress=False)
+    train(shop / "mid", tmp_path / "words", settings, warm_start=tmp_path / "sentence", progress=False)
+    train(shop / "snap", tmp_path / "words_later", settings, warm_start=tmp_path / "words", progress=False)
+    train(shop / "snap", tmp_path / "words_fresh", settings, progress=False)
+    mean = {name: load_model(tmp_path / name).model.inputs.text_mean
+            for name in ("sentence", "words", "words_later", "words_fresh")}  # fmt: skip
+    assert not torch.allclose(mean["words"], mean["sentence"])  # word vectors got their own statistics
+    assert torch.equal(mean["words_later"], mean["words"])  # same form: kept from the earlier model
+    assert not torch.equal(mean["words_fresh"], mean["words"])  # (which is not what the new texts would give)
+
+
 def test_single_task_baseline(shop, settings, tmp_path):
     result = train(shop / "snap", tmp_path / "cvr_only", settings, single_task="cvr", progress=False)
     assert list(result.metrics) == ["cvr"]
