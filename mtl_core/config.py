@@ -113,6 +113,7 @@ class ModelSettings(_Strict):
     # Information transfer along the funnel (after AITM, Xi et al. 2021): each (source, target) pair adds a
     # learned read-out of the source task's tower to the target's logit, so the sparse later task (buy
     # after click) starts from what the dense earlier one (click) has learned about the same impression.
+    # Unlike AITM the read-out does not train the source's tower (measured: that pulled ctr down).
     transfer: list[tuple[str, str]] = [("ctr", "cvr"), ("ctr", "ad_ctr")]
     id_dim: int = Field(16, ge=1)
     # Which id embeddings to learn. Id embeddings of users and items with a few dozen events each are

@@ -83,7 +83,9 @@ class MultiTaskModel(nn.Module):
         hidden = [tower[0](h) for tower, h in zip(self.towers, representations, strict=True)]
         logits = [tower[1](h) for tower, h in zip(self.towers, hidden, strict=True)]
         for (source, target), readout in zip(self.transfer_pairs, self.transfers, strict=True):
-            logits[target] = logits[target] + readout(hidden[source])
+            # The target reads the source's tower but does not train it: letting the small tasks' gradients
+            # into the ctr tower cost ctr 0.006 AUC on the 20k-user shop (and cvr and ad_ctr lost too).
+            logits[target] = logits[target] + readout(hidden[source].detach())
         return torch.cat(logits, dim=1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
