@@ -104,8 +104,8 @@ class TextSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    # PLE's task-specific experts keep the big ctr task from being pulled by the small ones: on the 20k-user
-    # shop it beat MMoE on ctr, cvr and ad_ctr at once (see the README's quality table).
+    # PLE: each task keeps experts of its own beside the shared ones, so the big ctr task is less pulled
+    # by the small ones (the README's quality table is measured with it).
     architecture: Literal["shared_bottom", "mmoe", "ple"] = "ple"
     # ESMM-style chaining: p(click and buy) = p(click) * p(buy | click), trained over all impressions.
     esmm: bool = True
