@@ -83,6 +83,11 @@ def text_matrix(
     return out
 
 
+def uses_word_vectors(settings: Settings) -> bool:
+    """Whether texts reach the model as word vectors (a fine-tuned encoder always embeds whole texts)."""
+    return settings.text.pooling == "words" and settings.text.finetune == "frozen"
+
+
 def finetuned_encoder(settings: Settings) -> torch.nn.Module | None:
     """The text encoder trained inside the joint loss (``top_k`` or ``full``), or None when it is frozen."""
     if not settings.text.enabled or settings.text.finetune == "frozen":
@@ -340,7 +345,7 @@ def train(
         text_in = texts.shape[-1] if texts is not None else 0
     model = build_model(
         space.sizes(), examples.task_names, settings.model, text_in, settings.text.enabled, encoder,
-        word_pooling=settings.text.pooling == "words" and encoder is None,
+        word_pooling=uses_word_vectors(settings),
     )  # fmt: skip
     if previous is not None:
         _warm_start(model, previous.model)
@@ -520,12 +525,17 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
     if not (path / MODEL_FILE).is_file():
         raise TrainingError(f"{path} is not a model directory: {MODEL_FILE} is missing (train one with mtl train)")
     stored = torch.load(path / MODEL_FILE, weights_only=False)
-    settings = Settings.model_validate_json((path / SETTINGS_FILE).read_text())
+    saved = json.loads((path / SETTINGS_FILE).read_text())
+    # A model saved before text.pooling and model.transfer existed was trained with whole-text vectors and
+    # without transfer; today's defaults would not fit its weights.
+    saved.setdefault("text", {}).setdefault("pooling", "sentence")
+    saved.setdefault("model", {}).setdefault("transfer", [])
+    settings = Settings.model_validate(saved)
     space = FeatureSpace.load(path / FEATURES_FILE)
     encoder = finetuned_encoder(settings)
     model = build_model(
         stored["vocab_sizes"], stored["task_names"], settings.model, stored["text_in"], stored["text_in"] > 0, encoder,
-        word_pooling=settings.text.pooling == "words" and encoder is None,
+        word_pooling=uses_word_vectors(settings),
     )  # fmt: skip
     model.load_state_dict(stored["state_dict"])
     model.eval()

@@ -116,6 +116,21 @@ def test_warm_start_keeps_text_statistics_unless_the_text_form_changes(shop, set
     assert not torch.equal(mean["words_fresh"], mean["words"])  # (which is not what the new texts would give)
 
 
+def test_a_model_saved_before_word_vectors_and_transfer_existed_still_loads(shop, settings, tmp_path):
+    old_style = settings.model_copy(update={
+        "text": settings.text.model_copy(update={"pooling": "sentence"}),
+        "model": settings.model.model_copy(update={"transfer": []}),
+    })  # fmt: skip
+    train(shop / "mid", tmp_path / "old", old_style, progress=False)
+    examples = build_examples(shop / "snap", settings.features, settings.tasks)
+    rows = np.arange(200)
+    expected = load_model(tmp_path / "old").predict(examples, rows)
+    saved = json.loads((tmp_path / "old" / "settings.json").read_text())
+    del saved["text"]["pooling"], saved["text"]["max_words"], saved["model"]["transfer"]
+    (tmp_path / "old" / "settings.json").write_text(json.dumps(saved))
+    np.testing.assert_allclose(load_model(tmp_path / "old").predict(examples, rows), expected)
+
+
 def test_single_task_baseline(shop, settings, tmp_path):
     result = train(shop / "snap", tmp_path / "cvr_only", settings, single_task="cvr", progress=False)
     assert list(result.metrics) == ["cvr"]
