@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from mtl_core.features import Examples, FeatureSpace, build_examples, frame_exam
 from mtl_core.losses import make_weighting, masked_bce, residual_term, resolve_pairs
 from mtl_core.metrics import task_metrics
 from mtl_core.models import MultiTaskModel, build_model
+
+if TYPE_CHECKING:
+    from mtl_core.text import EmbeddingCache
 
 MODEL_FILE = "model.pt"
 FEATURES_FILE = "features.json"
@@ -60,23 +63,32 @@ def text_matrix(
     A frozen encoder's vectors come from the on-disk cache; a fine-tuned encoder (``encoder``) embeds the
     texts itself, since its vectors change as it trains.
     """
-    from mtl_core.text import EmbeddingCache, encoder_from_settings, split_words
+    from mtl_core.text import EmbeddingCache, encoder_from_settings
 
     if encoder is not None:
-        vectors = encoder.encode(texts, batch_size=settings.text.batch_size, progress=progress)
-        return np.vstack([np.zeros((1, encoder.dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
-    frozen = encoder_from_settings(settings.text)
-    cache = EmbeddingCache(cache_dir, frozen)
-    if settings.text.pooling == "sentence":
-        vectors = cache.get(texts, progress=progress, batch_size=settings.text.batch_size)
-        return np.vstack([np.zeros((1, frozen.dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
+        vectors, dim = encoder.encode(texts, batch_size=settings.text.batch_size, progress=progress), encoder.dim
+    else:
+        frozen = encoder_from_settings(settings.text)
+        cache = EmbeddingCache(cache_dir, frozen)
+        if uses_word_vectors(settings):
+            return _word_matrix(texts, settings, cache, frozen.dim, progress)
+        vectors, dim = cache.get(texts, progress=progress, batch_size=settings.text.batch_size), frozen.dim
+    return np.vstack([np.zeros((1, dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
+
+
+def _word_matrix(
+    texts: list[str], settings: Settings, cache: EmbeddingCache, dim: int, progress: bool
+) -> np.ndarray:
+    """[len(texts) + 1, max_words, dim]: each distinct word's vector from the cache, zero rows as padding."""
+    from mtl_core.text import split_words
+
     words = [split_words(text)[: settings.text.max_words] for text in texts]
     vocabulary = sorted({word for text_words in words for word in text_words})
     word_vectors = np.asarray(
         cache.get(vocabulary, progress=progress, batch_size=settings.text.batch_size), dtype=np.float32
-    ).reshape(len(vocabulary), frozen.dim)
+    ).reshape(len(vocabulary), dim)
     index = {word: i for i, word in enumerate(vocabulary)}
-    out = np.zeros((len(texts) + 1, settings.text.max_words, frozen.dim), dtype=np.float32)
+    out = np.zeros((len(texts) + 1, settings.text.max_words, dim), dtype=np.float32)
     for row, text_words in enumerate(words, start=1):
         if text_words:
             out[row, : len(text_words)] = word_vectors[[index[word] for word in text_words]]

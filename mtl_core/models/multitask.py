@@ -97,13 +97,5 @@ class MultiTaskModel(nn.Module):
         return self.shared.last_shared_layer()
 
 
-def build_model(
-    vocab_sizes: dict[str, int],
-    task_names: list[str],
-    settings: ModelSettings,
-    text_in: int,
-    use_text: bool,
-    text_encoder: nn.Module | None = None,
-    word_pooling: bool = False,
-) -> MultiTaskModel:
-    return MultiTaskModel(vocab_sizes, task_names, settings, text_in, use_text, text_encoder, word_pooling)
+# The name the training and scoring code builds models by; the constructor takes exactly its arguments.
+build_model = MultiTaskModel
