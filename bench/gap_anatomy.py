@@ -1,0 +1,166 @@
+"""What the joint model misses of the shop's truth, term by term (run after bench/quality.py).
+
+The oracle AUC says how far a task is from the best possible model; this says which part of the truth
+is missing. The shop draws every label from a logit that is a sum of named terms (user taste x item
+vector, the hidden attributes, quality, price, the ad opener, per-user biases: see ``simulate.py``). For
+each holdout row the script rebuilds those terms, checks that their sum gives the shop's recorded true
+probability, and then, per term, fits a two-feature logistic regression on [model logit, term]: the AUC
+it reaches is what the model would score if it also knew that term. A term the model has learned adds
+nothing; a large lift names what to work on.
+
+The taste term is split further: users' tastes into their region x age band mean ("group") and the rest
+("individual"), item vectors into what category and attributes explain ("structure") and the rest ("own").
+
+    .venv/bin/python bench/gap_anatomy.py --dir /tmp/q   # the --dir (and shop options) of quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+START = date(2026, 1, 5)  # quality.py's shop start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="a bench/quality.py directory")
+    parser.add_argument("--model", default="joint", help="model directory inside --dir")
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--items", type=int, default=3_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    from mtl_core import warehouse as wh
+    from mtl_core.features import NUMERIC, build_examples
+    from mtl_core.metrics import roc_auc
+    from mtl_core.simulate import LATENT_DIM, ShopSpec, generate
+    from mtl_core.train import load_model
+
+    if not (args.dir / args.model / "model.pt").is_file():
+        sys.exit(f"{args.dir / args.model} holds no trained model: run bench/quality.py --dir {args.dir} first")
+    model = load_model(args.dir / args.model)
+    settings = model.settings
+    examples = build_examples(args.dir / "snapshot", settings.features, settings.tasks)
+    shop = generate(ShopSpec(users=args.users, items=args.items, days=args.days, start=START, seed=args.seed))
+    engine = wh.make_engine(f"sqlite:///{args.dir / 'warehouse.db'}")
+    with engine.connect() as conn:
+        truth = {
+            task: dict(conn.execute(wh.truth_events.select().with_only_columns(
+                wh.truth_events.c.event_id, wh.truth_events.c.p_true).where(wh.truth_events.c.task == task)).all())
+            for task in ("ctr", "cvr", "ad_ctr")
+        }  # fmt: skip
+
+    # Users' tastes split into the mean of their region x age band and the rest; item vectors into the part
+    # category and attributes explain (least squares) and the rest.
+    group = shop.region * len(np.unique(shop.age_band)) + shop.age_band
+    group_taste = np.zeros_like(shop.taste)
+    for g in np.unique(group):
+        group_taste[group == g] = shop.taste[group == g].mean(axis=0)
+    design = np.column_stack([np.eye(shop.category.max() + 1)[shop.category], shop.attrs])
+    coef, *_ = np.linalg.lstsq(design, shop.item_vec, rcond=None)
+    structure = design @ coef
+
+    position_col = NUMERIC.index("position")
+    report = {}
+    for task in ("ctr", "cvr", "ad_ctr"):
+        if task not in model.task_names:
+            continue
+        t = examples.task_names.index(task)
+        rows = examples.task_rows(t, "holdout")
+        labels = examples.labels[rows, t]
+        p = model.predict(examples, rows)[:, model.task_names.index(task)].astype(np.float64)
+        logit = np.log(p / (1 - p))
+        user = examples.raw["user"][rows].astype(np.int64) - 1
+        item = examples.raw["item"][rows].astype(np.int64) - 1
+        day = ((examples.time[rows] - shop.t0.astype("datetime64[us]")) // np.timedelta64(1, "D")).astype(np.int64)
+        taste, affinity = shop._taste_on(user, day)
+        dot = lambda a, b: np.einsum("ij,ij->i", a, b) / math.sqrt(LATENT_DIM)  # noqa: E731
+        attr_affinity = np.einsum("ij,ij->i", affinity, shop.attrs[item])
+        price = shop.price_sensitivity[user] * shop.log_price_z[item]
+        drifted = shop.spec.drift_day is not None and (day >= shop.spec.drift_day).any()
+        if task == "ctr":
+            w, intercept = 0.45, -3.7
+            position = np.rint(np.expm1(examples.numeric[rows, position_col]))
+            terms = {
+                "attributes": shop.attr_effect[item],
+                "quality": 0.45 * shop.quality[item],
+                "user click bias": shop.click_bias[user],
+                "price": -0.35 * price,
+                "position": -0.04 * position,
+            }
+            event = examples.event_id[rows]
+        elif task == "cvr":
+            w, intercept = 0.55, -3.9
+            terms = {
+                "attributes": 0.6 * shop.attr_effect[item],
+                "quality": 0.5 * shop.quality[item],
+                "user click bias": 0.5 * shop.click_bias[user],
+                "price": -0.5 * price,
+            }
+            event = examples.click_event_id[rows]
+        else:
+            w, intercept = 0.5, -4.45
+            ad = examples.raw["ad"][rows].astype(np.int64) - 1
+            terms = {
+                "ad opener": shop.ad_effect[ad],
+                "quality": 0.5 * shop.quality[item],
+                "user ad bias": shop.ad_bias[user],
+            }
+            event = examples.event_id[rows]
+        terms = {"taste x item": w * dot(taste, shop.item_vec[item]), "attribute affinity": w * attr_affinity, **terms}
+        true_p = np.array([truth[task][e] for e in event])
+        rebuilt = 1 / (1 + np.exp(-(intercept + sum(terms.values()))))
+        if np.abs(rebuilt - true_p).max() > 1e-6:
+            sys.exit(f"{task}: the terms do not add up to the shop's true probability (max error "
+                     f"{np.abs(rebuilt - true_p).max():.2g}): simulate.py changed, update this script")  # fmt: skip
+        if not drifted:  # the split below uses the pre-drift tastes
+            individual = taste - group_taste[user]
+            own = shop.item_vec[item] - structure[item]
+            terms |= {
+                "  group taste x structure": w * dot(group_taste[user], structure[item]),
+                "  group taste x item's own": w * dot(group_taste[user], own),
+                "  individual taste x structure": w * dot(individual, structure[item]),
+                "  individual taste x item's own": w * dot(individual, own),
+            }
+        model_auc = roc_auc(labels, logit)
+        lifts = {name: round(_two_feature_auc(logit, value, labels, roc_auc) - model_auc, 4)
+                 for name, value in terms.items()}  # fmt: skip
+        report[task] = {
+            "n": len(rows), "model_auc": round(model_auc, 4), "oracle_auc": round(roc_auc(labels, true_p), 4),
+            "auc_lift_if_known": lifts,
+        }  # fmt: skip
+        print(f"\n{task}: model {model_auc:.4f}, oracle {roc_auc(labels, true_p):.4f}, {len(rows):,} rows",
+              file=sys.stderr)  # fmt: skip
+        for name, lift in lifts.items():
+            print(f"  {name:<34} {lift:+.4f}", file=sys.stderr)
+    print(json.dumps(report, indent=2))
+
+
+def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:
+    """AUC of a logistic regression on [model logit, term], fitted on the same rows (two weights: no overfit)."""
+    x = torch.tensor(np.column_stack([logit, term, np.ones_like(logit)]), dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.float64)
+    weights = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weights, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return roc_auc(labels, (x @ weights).detach().numpy())
+
+
+if __name__ == "__main__":
+    main()
