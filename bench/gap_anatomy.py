@@ -82,41 +82,14 @@ def main() -> None:
         user = examples.raw["user"][rows].astype(np.int64) - 1
         item = examples.raw["item"][rows].astype(np.int64) - 1
         day = ((examples.time[rows] - shop.t0.astype("datetime64[us]")) // np.timedelta64(1, "D")).astype(np.int64)
-        taste, affinity = shop._taste_on(user, day)
-        dot = lambda a, b: np.einsum("ij,ij->i", a, b) / math.sqrt(LATENT_DIM)  # noqa: E731
-        attr_affinity = np.einsum("ij,ij->i", affinity, shop.attrs[item])
-        price = shop.price_sensitivity[user] * shop.log_price_z[item]
+        ad = examples.raw["ad"][rows].astype(np.int64) - 1 if task == "ad_ctr" else None
+        position = np.rint(np.expm1(examples.numeric[rows, position_col])) if task == "ctr" else None
+        intercept, terms = true_logit_terms(shop, task, user, item, day, position=position, ad=ad)
+        event = examples.click_event_id[rows] if task == "cvr" else examples.event_id[rows]
+        taste = shop._taste_on(user, day)[0]
+        w = TASTE_WEIGHT[task]
         drifted = shop.spec.drift_day is not None and (day >= shop.spec.drift_day).any()
-        if task == "ctr":
-            w, intercept = 0.45, -3.7
-            position = np.rint(np.expm1(examples.numeric[rows, position_col]))
-            terms = {
-                "attributes": shop.attr_effect[item],
-                "quality": 0.45 * shop.quality[item],
-                "user click bias": shop.click_bias[user],
-                "price": -0.35 * price,
-                "position": -0.04 * position,
-            }
-            event = examples.event_id[rows]
-        elif task == "cvr":
-            w, intercept = 0.55, -3.9
-            terms = {
-                "attributes": 0.6 * shop.attr_effect[item],
-                "quality": 0.5 * shop.quality[item],
-                "user click bias": 0.5 * shop.click_bias[user],
-                "price": -0.5 * price,
-            }
-            event = examples.click_event_id[rows]
-        else:
-            w, intercept = 0.5, -4.45
-            ad = examples.raw["ad"][rows].astype(np.int64) - 1
-            terms = {
-                "ad opener": shop.ad_effect[ad],
-                "quality": 0.5 * shop.quality[item],
-                "user ad bias": shop.ad_bias[user],
-            }
-            event = examples.event_id[rows]
-        terms = {"taste x item": w * dot(taste, shop.item_vec[item]), "attribute affinity": w * attr_affinity, **terms}
+        dot = lambda a, b: np.einsum("ij,ij->i", a, b) / math.sqrt(LATENT_DIM)  # noqa: E731
         true_p = np.array([truth[task][e] for e in event])
         rebuilt = 1 / (1 + np.exp(-(intercept + sum(terms.values()))))
         if np.abs(rebuilt - true_p).max() > 1e-6:
@@ -143,6 +116,47 @@ def main() -> None:
         for name, lift in lifts.items():
             print(f"  {name:<34} {lift:+.4f}", file=sys.stderr)
     print(json.dumps(report, indent=2))
+
+
+# How much the taste x item affinity weighs in each task's true logit (simulate.py: make_feed, make_ads).
+TASTE_WEIGHT = {"ctr": 0.45, "cvr": 0.55, "ad_ctr": 0.5}
+
+
+def true_logit_terms(shop, task: str, user, item, day, position=None, ad=None) -> tuple[float, dict[str, np.ndarray]]:
+    """The shop's true logit for ``task`` on the given rows as (intercept, named terms), mirroring simulate.py.
+
+    Indices are the shop's own (0-based); ``position`` is needed for ctr, ``ad`` for ad_ctr. The caller
+    checks the sum against the shop's recorded probabilities, so a change to the shop cannot go unnoticed.
+    """
+    from mtl_core.simulate import LATENT_DIM
+
+    taste, affinity = shop._taste_on(user, day)
+    w = TASTE_WEIGHT[task]
+    shared = {
+        "taste x item": w * np.einsum("ij,ij->i", taste, shop.item_vec[item]) / math.sqrt(LATENT_DIM),
+        "attribute affinity": w * np.einsum("ij,ij->i", affinity, shop.attrs[item]),
+    }
+    price = shop.price_sensitivity[user] * shop.log_price_z[item]
+    if task == "ctr":
+        return -3.7, shared | {
+            "attributes": shop.attr_effect[item],
+            "quality": 0.45 * shop.quality[item],
+            "user click bias": shop.click_bias[user],
+            "price": -0.35 * price,
+            "position": -0.04 * position,
+        }
+    if task == "cvr":
+        return -3.9, shared | {
+            "attributes": 0.6 * shop.attr_effect[item],
+            "quality": 0.5 * shop.quality[item],
+            "user click bias": 0.5 * shop.click_bias[user],
+            "price": -0.5 * price,
+        }
+    return -4.45, shared | {
+        "ad opener": shop.ad_effect[ad],
+        "quality": 0.5 * shop.quality[item],
+        "user ad bias": shop.ad_bias[user],
+    }
 
 
 def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:

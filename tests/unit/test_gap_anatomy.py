@@ -1,0 +1,31 @@
+"""bench/gap_anatomy.py rebuilds the shop's true logits from named terms; they must stay in step with simulate.py."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from mtl_core.simulate import SECONDS_PER_DAY, ShopSpec, generate
+
+spec = importlib.util.spec_from_file_location("gap_anatomy", Path(__file__).parents[2] / "bench" / "gap_anatomy.py")
+gap_anatomy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gap_anatomy)
+
+
+def _sigmoid(intercept, terms):
+    return 1 / (1 + np.exp(-(intercept + sum(terms.values()))))
+
+
+def test_true_logit_terms_add_up_to_the_shops_probabilities():
+    shop = generate(ShopSpec(users=300, items=80, days=12, seed=3, drift_day=6))
+    f = shop.feed
+    day = ((f["ts"] - shop.t0) // np.timedelta64(SECONDS_PER_DAY, "s")).astype(np.int64)
+    ctr = gap_anatomy.true_logit_terms(shop, "ctr", f["user"], f["item"], day, position=f["position"])
+    cvr = gap_anatomy.true_logit_terms(shop, "cvr", f["user"], f["item"], day)
+    np.testing.assert_allclose(_sigmoid(*ctr), f["p_click"], rtol=1e-9)
+    np.testing.assert_allclose(_sigmoid(*cvr), f["p_purchase"], rtol=1e-9)
+    a = shop.ads
+    day = ((a["ts"] - shop.t0) // np.timedelta64(SECONDS_PER_DAY, "s")).astype(np.int64)
+    ad = gap_anatomy.true_logit_terms(shop, "ad_ctr", a["user"], a["item"], day, ad=a["ad"])
+    np.testing.assert_allclose(_sigmoid(*ad), a["p_click"], rtol=1e-9)
+    assert set(ad[1]) >= {"taste x item", "ad opener", "user ad bias"}
