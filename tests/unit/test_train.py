@@ -82,6 +82,8 @@ def test_resume_after_interruption_gives_the_same_model(shop, settings, tmp_path
     monkeypatch.setattr(training.TaskSampler, "draw", real_draw)
     resumed = train(shop / "snap", tmp_path / "resumed", settings, resume=True, progress=False)
     assert resumed.steps == straight.steps and resumed.metrics == straight.metrics
+    wa, wb = (torch.load(tmp_path / name / "model.pt")["state_dict"] for name in ("straight", "resumed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_warm_start_keeps_old_weights_and_grows_vocabularies(shop, settings, tmp_path):
