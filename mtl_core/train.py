@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from mtl_core.features import Examples, FeatureSpace, build_examples, frame_exam
 from mtl_core.losses import make_weighting, masked_bce, residual_term, resolve_pairs
 from mtl_core.metrics import task_metrics
 from mtl_core.models import MultiTaskModel, build_model
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mtl_core.text import EmbeddingCache
@@ -82,7 +85,15 @@ def _word_matrix(
     """[len(texts) + 1, max_words, dim]: each distinct word's vector from the cache, zero rows as padding."""
     from mtl_core.text import split_words
 
-    words = [split_words(text)[: settings.text.max_words] for text in texts]
+    limit = settings.text.max_words
+    words = [split_words(text) for text in texts]
+    longer = [text_words for text_words in words if len(text_words) > limit]
+    if longer:
+        log.warning(
+            "%d of %d texts have more than text.max_words = %d words (the longest %d); the words after the %dth "
+            "are ignored", len(longer), len(texts), limit, max(map(len, longer)), limit,
+        )  # fmt: skip
+        words = [text_words[:limit] for text_words in words]
     vocabulary = sorted({word for text_words in words for word in text_words})
     word_vectors = np.asarray(
         cache.get(vocabulary, progress=progress, batch_size=settings.text.batch_size), dtype=np.float32

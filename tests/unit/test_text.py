@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -251,13 +252,15 @@ def test_split_words():
     assert split_words(" !! ") == []
 
 
-def test_word_matrix_holds_each_words_own_vector_padded_and_encodes_each_word_once(tiny_path, tmp_path):
+def test_word_matrix_holds_each_words_own_vector_padded_and_encodes_each_word_once(tiny_path, tmp_path, caplog):
     from mtl_core.config import Settings
     from mtl_core.train import text_matrix
 
     settings = Settings(text=TextSettings(model_path=str(tiny_path), pooling="words", max_words=4))
     texts = ["premium leather shoes", "board game for kids and black lamp", "!!", "Shoes, premium"]
-    matrix = text_matrix(texts, settings, tmp_path, progress=False)
+    with caplog.at_level(logging.WARNING, logger="mtl_core.train"):
+        matrix = text_matrix(texts, settings, tmp_path, progress=False)
+    assert "1 of 4 texts have more than text.max_words = 4 words (the longest 7)" in caplog.text
     assert matrix.shape == (5, 4, 32)
     assert not matrix[0].any() and not matrix[3].any()  # no text, and a text without words
     words = TextEncoder(tiny_path).encode(["premium", "leather", "shoes", "board", "game", "for", "kids"],
