@@ -24,7 +24,6 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 
 START = date(2026, 1, 5)  # quality.py's shop start
 
@@ -164,19 +163,11 @@ def true_logit_terms(shop, task: str, user, item, day, position=None, ad=None) -
 
 def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:
     """AUC of a logistic regression on [model logit, term], fitted on the same rows (two weights: no overfit)."""
-    x = torch.tensor(np.column_stack([logit, term, np.ones_like(logit)]), dtype=torch.float64)
-    y = torch.tensor(labels, dtype=torch.float64)
-    weights = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights], max_iter=100, line_search_fn="strong_wolfe")
+    from mtl_core.metrics import fit_logistic
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weights, y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return roc_auc(labels, (x @ weights).detach().numpy())
+    features = np.column_stack([logit, term])
+    weights = fit_logistic(features, labels)
+    return roc_auc(labels, features @ weights[:2])
 
 
 if __name__ == "__main__":

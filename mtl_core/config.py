@@ -115,6 +115,11 @@ class ModelSettings(_Strict):
     # after click) starts from what the dense earlier one (click) has learned about the same impression.
     # Unlike AITM the read-out does not train the source's tower (measured: that pulled ctr down).
     transfer: list[tuple[str, str]] = [("ctr", "cvr"), ("ctr", "ad_ctr")]
+    # After training, each transfer target's logit becomes a * own + b * source + c, with (a, b, c) fitted
+    # on the validation split (3 numbers per pair; the best checkpoint was picked on the same split). The
+    # ctr head ranks clicked impressions by purchase better than the cvr head does, and the two err
+    # differently: on the 20k-user shop the blend lifted cvr holdout AUC by 0.004-0.006 over three runs.
+    transfer_blend: bool = True
     id_dim: int = Field(16, ge=1)
     # Which id embeddings to learn. Id embeddings of users and items with a few dozen events each are
     # memorised within one pass over the data (validation AUC falls from the second epoch on), so none are

@@ -52,3 +52,26 @@ def task_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         "positive_rate": float(y.mean()) if len(y) else float("nan"),
         "n": int(len(y)),
     }
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Weights of a logistic regression on ``features`` plus an intercept (the last weight), by L-BFGS.
+
+    Meant for a handful of features (blending or probing model scores), so no regularisation.
+    """
+    import torch
+
+    x = torch.tensor(np.column_stack([features, np.ones(len(features))]), dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.float64)
+    weights = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weights, y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weights.detach().numpy()

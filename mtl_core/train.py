@@ -35,8 +35,9 @@ from mtl_core.config import Settings, TaskSpec
 from mtl_core.errors import MtlError
 from mtl_core.features import Examples, FeatureSpace, build_examples, frame_examples, split_summary
 from mtl_core.losses import make_weighting, masked_bce, residual_term, resolve_pairs
-from mtl_core.metrics import task_metrics
+from mtl_core.metrics import fit_logistic, task_metrics
 from mtl_core.models import MultiTaskModel, build_model
+from mtl_core.models.multitask import IDENTITY_BLEND
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,21 @@ def evaluate_split(model: MultiTaskModel, data: TensorData, examples: Examples, 
     return results
 
 
+@torch.no_grad()
+def fit_transfer_blend(model: MultiTaskModel, data: TensorData, examples: Examples) -> None:
+    """Per transfer pair, logistic regression of the target's validation labels on [own logit, source logit]."""
+    model.transfer_blend.copy_(IDENTITY_BLEND.expand_as(model.transfer_blend))
+    for i, (source, target) in enumerate(model.transfer_pairs):
+        rows = examples.task_rows(target, "valid")
+        labels = examples.labels[rows, target]
+        if len(rows) == 0 or labels.min() == labels.max():
+            continue  # nothing to fit: the pair keeps its own logit
+        probs = np.clip(predict(model, data, rows).astype(np.float64), 1e-7, 1 - 1e-7)
+        logits = np.log(probs / (1 - probs))
+        weights = fit_logistic(np.column_stack([logits[:, target], logits[:, source]]), labels)
+        model.transfer_blend[i] = torch.from_numpy(weights).to(model.transfer_blend.dtype)
+
+
 def criterion_value(metrics: dict[str, Any], kind: str) -> float:
     aucs = [m["auc"] for m in metrics.values() if not math.isnan(m["auc"])]
     if not aucs:
@@ -372,6 +388,8 @@ def train(
     )  # fmt: skip
     if previous is not None:
         _warm_start(model, previous.model)
+        if model.transfer_blend is not None:  # the blend belongs to the earlier model's heads; refit below
+            model.transfer_blend.copy_(IDENTITY_BLEND.expand_as(model.transfer_blend))
     # A warm start keeps the earlier text statistics, unless the text arrives in another form now
     # (sentence vs word vectors, another encoder): statistics of one form would mis-scale the other.
     same_text_form = (
@@ -462,6 +480,12 @@ def train(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    if model.transfer_blend is not None:
+        scoring = data
+        if encoder is not None:
+            scoring = TensorData(examples, space, text_matrix(examples.texts, settings, cache_dir, False, encoder))
+        fit_transfer_blend(model, scoring, examples)
+        best_metrics = evaluate_split(model, scoring, examples, "valid")  # what the saved model scores
     save_model(out, model, space, settings, tasks, best_metrics)
     checkpoint_path.unlink(missing_ok=True)
     return TrainResult(
@@ -553,6 +577,7 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
     # without transfer; today's defaults would not fit its weights.
     saved.setdefault("text", {}).setdefault("pooling", "sentence")
     saved.setdefault("model", {}).setdefault("transfer", [])
+    saved["model"].setdefault("transfer_blend", False)
     settings = Settings.model_validate(saved)
     space = FeatureSpace.load(path / FEATURES_FILE)
     encoder = finetuned_encoder(settings)

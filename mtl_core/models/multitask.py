@@ -8,6 +8,8 @@ from torch import nn
 from mtl_core.config import ModelSettings
 from mtl_core.models.architectures import PLE, MMoE, SharedBottom, mlp
 
+IDENTITY_BLEND = torch.tensor([[1.0, 0.0, 0.0]])
+
 
 class MultiTaskModel(nn.Module):
     """Returns one logit per task for every row; the loss only looks at the tasks a row has labels for.
@@ -62,6 +64,12 @@ class MultiTaskModel(nn.Module):
         self.transfers = nn.ModuleList([nn.Linear(settings.tower_dim, 1, bias=False) for _ in self.transfer_pairs])
         for readout in self.transfers:
             nn.init.zeros_(readout.weight)
+        # (own, source, bias) weights per pair: the identity while training; fit_transfer_blend sets them on the
+        # validation split after training.
+        if settings.transfer_blend and self.transfer_pairs:
+            self.register_buffer("transfer_blend", IDENTITY_BLEND.repeat(len(self.transfer_pairs), 1))
+        else:
+            self.transfer_blend = None
         first, second = settings.esmm_pair
         self.esmm_pair = (
             (self.task_names.index(first), self.task_names.index(second))
@@ -86,6 +94,12 @@ class MultiTaskModel(nn.Module):
             # The target reads the source's tower but does not train it: letting the small tasks' gradients
             # into the ctr tower cost ctr 0.006 AUC on the 20k-user shop (and cvr and ad_ctr lost too).
             logits[target] = logits[target] + readout(hidden[source].detach())
+        if self.transfer_blend is not None:
+            sources = [logits[source].detach() for source, _ in self.transfer_pairs]  # before any is blended
+            for (_, target), source_logit, (own, weight, bias) in zip(
+                self.transfer_pairs, sources, self.transfer_blend, strict=True
+            ):
+                logits[target] = own * logits[target] + weight * source_logit + bias
         return torch.cat(logits, dim=1)
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -129,8 +129,29 @@ def test_a_model_saved_before_word_vectors_and_transfer_existed_still_loads(shop
     expected = load_model(tmp_path / "old").predict(examples, rows)
     saved = json.loads((tmp_path / "old" / "settings.json").read_text())
     del saved["text"]["pooling"], saved["text"]["max_words"], saved["model"]["transfer"]
+    del saved["model"]["transfer_blend"]
     (tmp_path / "old" / "settings.json").write_text(json.dumps(saved))
     np.testing.assert_allclose(load_model(tmp_path / "old").predict(examples, rows), expected)
+
+
+def test_transfer_blend_is_fit_on_validation_and_never_raises_its_log_loss(shop, settings, tmp_path):
+    from mtl_core.metrics import log_loss
+    from mtl_core.models.multitask import IDENTITY_BLEND
+
+    result = train(shop / "snap", tmp_path / "model", settings, progress=False)
+    loaded = load_model(tmp_path / "model")
+    blend = loaded.model.transfer_blend.clone()
+    assert loaded.model.transfer_pairs and not torch.equal(blend, IDENTITY_BLEND.expand_as(blend))
+    examples = build_examples(shop / "snap", loaded.settings.features, loaded.settings.tasks)
+    for _, target in loaded.model.transfer_pairs:
+        rows = examples.task_rows(target, "valid")
+        labels = examples.labels[rows, target]
+        blended = loaded.predict(examples, rows)[:, target]
+        assert result.metrics[examples.task_names[target]]["logloss"] == pytest.approx(log_loss(labels, blended))
+        loaded.model.transfer_blend.copy_(IDENTITY_BLEND.expand_as(blend))  # the heads as trained
+        own = loaded.predict(examples, rows)[:, target]
+        loaded.model.transfer_blend.copy_(blend)
+        assert log_loss(labels, blended) <= log_loss(labels, own) + 1e-6
 
 
 def test_single_task_baseline(shop, settings, tmp_path):
