@@ -37,7 +37,6 @@ from mtl_core.features import Examples, FeatureSpace, build_examples, frame_exam
 from mtl_core.losses import make_weighting, masked_bce, residual_term, resolve_pairs
 from mtl_core.metrics import fit_logistic, task_metrics
 from mtl_core.models import MultiTaskModel, build_model
-from mtl_core.models.multitask import IDENTITY_BLEND
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +283,7 @@ def evaluate_split(model: MultiTaskModel, data: TensorData, examples: Examples, 
 @torch.no_grad()
 def fit_transfer_blend(model: MultiTaskModel, data: TensorData, examples: Examples) -> None:
     """Per transfer pair, logistic regression of the target's validation labels on [own logit, source logit]."""
-    model.transfer_blend.copy_(IDENTITY_BLEND.expand_as(model.transfer_blend))
+    model.reset_transfer_blend()
     for i, (source, target) in enumerate(model.transfer_pairs):
         rows = examples.task_rows(target, "valid")
         labels = examples.labels[rows, target]
@@ -388,8 +387,7 @@ def train(
     )  # fmt: skip
     if previous is not None:
         _warm_start(model, previous.model)
-        if model.transfer_blend is not None:  # the blend belongs to the earlier model's heads; refit below
-            model.transfer_blend.copy_(IDENTITY_BLEND.expand_as(model.transfer_blend))
+        model.reset_transfer_blend()  # the blend belongs to the earlier model's heads; refit after training
     # A warm start keeps the earlier text statistics, unless the text arrives in another form now
     # (sentence vs word vectors, another encoder): statistics of one form would mis-scale the other.
     same_text_form = (
@@ -444,6 +442,12 @@ def train(
             state["history"],
         )
 
+    def scoring_data() -> TensorData:
+        """The examples as the model scores them now: a fine-tuned encoder re-embeds the texts as trained so far."""
+        if encoder is None:
+            return data
+        return TensorData(examples, space, text_matrix(examples.texts, settings, cache_dir, False, encoder))
+
     shared = [model.last_shared_layer()] if cfg.weighting == "gradnorm" else model.shared_parameters()
     bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
     running = np.zeros(len(tasks))
@@ -463,9 +467,7 @@ def train(
         if step % 20 == 0:
             bar.set_postfix({name: f"{running[i]:.4f}" for i, name in enumerate(examples.task_names)})
         if step % eval_every == 0 or step == total_steps:
-            scoring = data
-            if encoder is not None:  # score with the encoder as trained so far
-                scoring = TensorData(examples, space, text_matrix(examples.texts, settings, cache_dir, False, encoder))
+            scoring = scoring_data()
             metrics = evaluate_split(model, scoring, examples, "valid")
             value = criterion_value(metrics, cfg.early_stopping_metric)
             history.append({"step": step, "criterion": value, "train_loss": dict(zip(examples.task_names,
@@ -481,9 +483,7 @@ def train(
     if best_state is not None:
         model.load_state_dict(best_state)
     if model.transfer_blend is not None:
-        scoring = data
-        if encoder is not None:
-            scoring = TensorData(examples, space, text_matrix(examples.texts, settings, cache_dir, False, encoder))
+        scoring = scoring_data()
         fit_transfer_blend(model, scoring, examples)
         best_metrics = evaluate_split(model, scoring, examples, "valid")  # what the saved model scores
     save_model(out, model, space, settings, tasks, best_metrics)

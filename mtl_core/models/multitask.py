@@ -105,6 +105,12 @@ class MultiTaskModel(nn.Module):
                 logits[target] = own * logits[target] + weight * source_logit + bias
         return torch.cat(logits, dim=1)
 
+    @torch.no_grad()
+    def reset_transfer_blend(self) -> None:
+        """Back to each target's own logit (what training sees)."""
+        if self.transfer_blend is not None:
+            self.transfer_blend.copy_(IDENTITY_BLEND.expand_as(self.transfer_blend))
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """What every task's gradient flows through: the input encoder and the shared architecture."""
         modules = [self.inputs, self.shared] + ([self.text_encoder] if self.text_encoder is not None else [])
