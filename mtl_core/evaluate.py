@@ -90,13 +90,17 @@ def score_tasks(
         labels = examples.labels[rows, t]
         metrics = task_metrics(labels, probs)
         metrics["slices"] = _slices(examples, rows, labels, probs)
-        metrics["oracle_auc"] = _oracle_auc(truth_engine, task, examples, rows, labels)
+        truth = oracle_probabilities(truth_engine, task, examples, rows)
+        metrics["oracle_auc"] = roc_auc(labels, truth) if truth is not None else None
         results[task.name] = metrics
         raw[task.name] = probs
     return results, raw
 
 
-def _oracle_auc(engine: Engine | None, task: TaskSpec, examples: Examples, rows: np.ndarray, labels) -> float | None:
+def oracle_probabilities(
+    engine: Engine | None, task: TaskSpec, examples: Examples, rows: np.ndarray
+) -> np.ndarray | None:
+    """The shop's true probability behind each row's label (simulated data only; None without truth tables)."""
     if engine is None:
         return None
     from mtl_core.simulate import true_probabilities
@@ -107,7 +111,7 @@ def _oracle_auc(engine: Engine | None, task: TaskSpec, examples: Examples, rows:
     )  # fmt: skip
     if truth is None or np.isnan(truth).any():
         return None
-    return roc_auc(labels, truth)
+    return truth
 
 
 def evaluate_model(
