@@ -11,6 +11,10 @@ nothing; a large lift names what to work on.
 The taste term is split further: users' tastes into their region x age band mean ("group") and the rest
 ("individual"), item vectors into what category and attributes explain ("structure") and the rest ("own").
 
+A second view regresses the model's logit on the (unsplit) terms: the slope per term is the share of it the
+model carries, and what no term explains is the model's own noise. A task can carry every term and still
+trail its oracle because its logit is noisy (ad_ctr, with 40x fewer clicks than ctr, is the example).
+
     .venv/bin/python bench/gap_anatomy.py --dir /tmp/q   # the --dir (and shop options) of quality.py
 """
 
@@ -97,6 +101,7 @@ def main() -> None:
                 "pass the shop options (--users, --items, --days, --seed) the quality run used; if they match, "
                 "simulate.py changed and true_logit_terms must follow it"
             )
+        carried, noise_sd = _carried(logit, terms)
         if not drifted:  # the split below uses the pre-drift tastes
             individual = taste - group_taste[user]
             own = shop.item_vec[item] - structure[item]
@@ -111,12 +116,17 @@ def main() -> None:
                  for name, value in terms.items()}  # fmt: skip
         report[task] = {
             "n": len(rows), "model_auc": round(model_auc, 4), "oracle_auc": round(roc_auc(labels, true_p), 4),
-            "auc_lift_if_known": lifts,
+            "auc_lift_if_known": lifts, "share_carried": carried, "noise_sd": noise_sd,
+            "true_logit_sd": round(float(np.std(sum(terms[name] for name in carried))), 3),
         }  # fmt: skip
         print(f"\n{task}: model {model_auc:.4f}, oracle {roc_auc(labels, true_p):.4f}, {len(rows):,} rows",
               file=sys.stderr)  # fmt: skip
+        print(f"  {'term':<34} {'AUC lift if known':>17} {'share carried':>14}", file=sys.stderr)
         for name, lift in lifts.items():
-            print(f"  {name:<34} {lift:+.4f}", file=sys.stderr)
+            share = f"{carried[name]:14.2f}" if name in carried else ""
+            print(f"  {name:<34} {lift:+17.4f} {share}", file=sys.stderr)
+        print(f"  model logit noise (sd of what no term explains): {noise_sd:.3f}; "
+              f"sd of the true logit {report[task]['true_logit_sd']:.3f}", file=sys.stderr)  # fmt: skip
     print(json.dumps(report, indent=2))
 
 
@@ -159,6 +169,20 @@ def true_logit_terms(shop, task: str, user, item, day, position=None, ad=None) -
         "quality": 0.5 * shop.quality[item],
         "user ad bias": shop.ad_bias[user],
     }
+
+
+def _carried(logit: np.ndarray, terms: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
+    """Least squares of the model's logit on the true terms, and the spread of what they leave unexplained.
+
+    A slope of 1: the model's logit moves one for one with that term. All slopes lower by the same factor
+    (ad_ctr: 0.71-0.88) is a model that hedges everywhere, as a calibrated but uncertain one does; one slope
+    near 0 (the per-user biases) is a term the model does not have. The unexplained spread is the model's
+    own noise, which costs AUC however well the terms are carried."""
+    names = list(terms)
+    design = np.column_stack([terms[name] for name in names] + [np.ones(len(logit))])
+    coef, *_ = np.linalg.lstsq(design, logit, rcond=None)
+    noise = logit - design @ coef
+    return {name: round(float(c), 3) for name, c in zip(names, coef, strict=False)}, round(float(noise.std()), 3)
 
 
 def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:

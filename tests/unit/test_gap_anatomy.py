@@ -29,3 +29,12 @@ def test_true_logit_terms_add_up_to_the_shops_probabilities():
     ad = gap_anatomy.true_logit_terms(shop, "ad_ctr", a["user"], a["item"], day, ad=a["ad"])
     np.testing.assert_allclose(_sigmoid(*ad), a["p_click"], rtol=1e-9)
     assert set(ad[1]) >= {"taste x item", "ad opener", "user ad bias"}
+
+
+def test_carried_recovers_each_terms_slope_and_the_models_own_noise():
+    rng = np.random.default_rng(0)
+    terms = {"taste": rng.normal(0, 1, 20_000), "bias": rng.normal(0, 0.5, 20_000)}
+    logit = -3 + 0.7 * terms["taste"] + 0.0 * terms["bias"] + rng.normal(0, 0.4, 20_000)
+    carried, noise_sd = gap_anatomy._carried(logit, terms)
+    assert abs(carried["taste"] - 0.7) < 0.01 and abs(carried["bias"]) < 0.02
+    assert abs(noise_sd - 0.4) < 0.01
