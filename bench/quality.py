@@ -96,7 +96,7 @@ def main() -> None:
     }
     for task in settings.tasks:
         # The same for the gap to the oracle: the holdout's labels are one draw, so a gap measured at 0.021
-        # may be a model 0.012 or 0.031 away (cvr on the default shop, ~600 holdout purchases).
+        # may be a model 0.013 or 0.030 away (cvr on the default shop, ~600 holdout purchases).
         rows = examples.task_rows(examples.task_names.index(task.name), "holdout")
         truth = oracle_probabilities(engine, task, examples, rows)
         if truth is not None:
