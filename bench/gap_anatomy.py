@@ -44,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mtl_core import warehouse as wh
+    from mtl_core.evaluate import oracle_probabilities
     from mtl_core.features import NUMERIC, build_examples
     from mtl_core.metrics import roc_auc
     from mtl_core.simulate import LATENT_DIM, ShopSpec, generate
@@ -56,12 +57,6 @@ def main() -> None:
     examples = build_examples(args.dir / "snapshot", settings.features, settings.tasks)
     shop = generate(ShopSpec(users=args.users, items=args.items, days=args.days, start=START, seed=args.seed))
     engine = wh.make_engine(f"sqlite:///{args.dir / 'warehouse.db'}")
-    with engine.connect() as conn:
-        truth = {
-            task: dict(conn.execute(wh.truth_events.select().with_only_columns(
-                wh.truth_events.c.event_id, wh.truth_events.c.p_true).where(wh.truth_events.c.task == task)).all())
-            for task in ("ctr", "cvr", "ad_ctr")
-        }  # fmt: skip
 
     # Users' tastes split into the mean of their region x age band and the rest; item vectors into the part
     # category and attributes explain (least squares) and the rest.
@@ -89,14 +84,14 @@ def main() -> None:
         ad = examples.raw["ad"][rows].astype(np.int64) - 1 if task == "ad_ctr" else None
         position = np.rint(np.expm1(examples.numeric[rows, position_col])) if task == "ctr" else None
         intercept, terms = true_logit_terms(shop, task, user, item, day, position=position, ad=ad)
-        event = examples.click_event_id[rows] if task == "cvr" else examples.event_id[rows]
         taste = shop._taste_on(user, day)[0]
         w = TASTE_WEIGHT[task]
         drifted = shop.spec.drift_day is not None and (day >= shop.spec.drift_day).any()
         dot = lambda a, b: np.einsum("ij,ij->i", a, b) / math.sqrt(LATENT_DIM)  # noqa: E731
-        true_p = np.array([truth[task].get(e, np.nan) for e in event])
+        spec = next(spec for spec in settings.tasks if spec.name == task)
+        true_p = oracle_probabilities(engine, spec, examples, rows)
         rebuilt = 1 / (1 + np.exp(-(intercept + sum(terms.values()))))
-        if not np.abs(rebuilt - true_p).max() <= 1e-6:  # NaN (an event the warehouse lacks) fails too
+        if true_p is None or not np.abs(rebuilt - true_p).max() <= 1e-6:  # None: rows the warehouse has no truth for
             sys.exit(
                 f"{task}: the rebuilt terms do not match the true probabilities in {args.dir / 'warehouse.db'}: "
                 "pass the shop options (--users, --items, --days, --seed) the quality run used; if they match, "

@@ -97,10 +97,11 @@ def main() -> None:
     for task in settings.tasks:
         # The same for the gap to the oracle: the holdout's labels are one draw, so a gap measured at 0.021
         # may be a model 0.013 or 0.030 away (cvr on the default shop, ~600 holdout purchases).
-        rows = examples.task_rows(examples.task_names.index(task.name), "holdout")
+        t = examples.task_names.index(task.name)
+        rows = examples.task_rows(t, "holdout")
         truth = oracle_probabilities(engine, task, examples, rows)
         if truth is not None:
-            gap = paired_bootstrap_auc(_holdout_labels(examples, task.name), truth, raw["joint"][task.name])
+            gap = paired_bootstrap_auc(examples.labels[rows, t], truth, raw["joint"][task.name])
             tasks[task.name]["oracle_minus_joint"] = _rounded(gap)
     cold = {
         "with_text_auc": round(joint["ctr"]["slices"]["cold_start_items"]["auc"], 4),
