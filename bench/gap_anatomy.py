@@ -13,7 +13,7 @@ The taste term is split further: users' tastes into their region x age band mean
 
 A second view regresses the model's logit on the (unsplit) terms: the slope per term is the share of it the
 model carries, and what no term explains is the model's own noise. A task can carry every term and still
-trail its oracle because its logit is noisy (ad_ctr, with 4.7k training clicks against ctr's 35k, is the
+trail its oracle because its logit is noisy (ad_ctr, with 5.4k training clicks against ctr's 35k, is the
 example on the default shop).
 
     .venv/bin/python bench/gap_anatomy.py --dir /tmp/q   # the --dir (and shop options) of quality.py
@@ -163,6 +163,8 @@ def true_logit_terms(shop, task: str, user, item, day, position=None, ad=None) -
     return -4.45, shared | {
         "ad opener": shop.ad_effect[ad],
         "quality": 0.5 * shop.quality[item],
+        "attributes": shop.attr_effect[item],
+        "price": -0.35 * price,
         "user ad bias": shop.ad_bias[user],
     }
 
@@ -171,7 +173,7 @@ def _carried(logit: np.ndarray, terms: dict[str, np.ndarray]) -> tuple[dict[str,
     """Least squares of the model's logit on the true terms, and the spread of what they leave unexplained.
 
     A slope of 1: the model's logit moves one for one with that term. All slopes lower by the same factor
-    (ad_ctr: 0.71-0.88) is a model that hedges everywhere, as a calibrated but uncertain one does; one slope
+    (ad_ctr: 0.70-0.91) is a model that hedges everywhere, as a calibrated but uncertain one does; one slope
     near 0 (the per-user biases) is a term the model does not have. The unexplained spread is the model's
     own noise, which costs AUC however well the terms are carried."""
     names = list(terms)
