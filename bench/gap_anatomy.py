@@ -180,7 +180,8 @@ def _carried(logit: np.ndarray, terms: dict[str, np.ndarray]) -> tuple[dict[str,
     design = np.column_stack([terms[name] for name in names] + [np.ones(len(logit))])
     coef, *_ = np.linalg.lstsq(design, logit, rcond=None)
     noise = logit - design @ coef
-    return {name: round(float(c), 3) for name, c in zip(names, coef, strict=False)}, round(float(noise.std()), 3)
+    slopes = coef[:-1]  # the last coefficient is the intercept
+    return {name: round(float(c), 3) for name, c in zip(names, slopes, strict=True)}, round(float(noise.std()), 3)
 
 
 def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:
