@@ -43,12 +43,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
-    from mtl_core import warehouse as wh
-    from mtl_core.evaluate import oracle_probabilities
-    from mtl_core.features import NUMERIC, build_examples
-    from mtl_core.metrics import roc_auc
-    from mtl_core.simulate import LATENT_DIM, ShopSpec, generate
-    from mtl_core.train import load_model
+    from mtl_core.data import warehouse as wh
+    from mtl_core.data.shop import LATENT_DIM, ShopSpec, generate
+    from mtl_core.judge.metrics import roc_auc
+    from mtl_core.judge.oracle import oracle_probabilities
+    from mtl_core.learn.checkpoint import load_model
+    from mtl_core.learn.examples import NUMERIC, build_examples
 
     if not (args.dir / args.model / "model.pt").is_file():
         sys.exit(f"{args.dir / args.model} holds no trained model: run bench/quality.py --dir {args.dir} first")
@@ -136,7 +136,7 @@ def true_logit_terms(shop, task: str, user, item, day, position=None, ad=None) -
     Indices are the shop's own (0-based); ``position`` is needed for ctr, ``ad`` for ad_ctr. The caller
     checks the sum against the shop's recorded probabilities, so a change to the shop cannot go unnoticed.
     """
-    from mtl_core.simulate import LATENT_DIM
+    from mtl_core.data.shop import LATENT_DIM
 
     taste, affinity = shop._taste_on(user, day)
     w = TASTE_WEIGHT[task]
@@ -186,7 +186,7 @@ def _carried(logit: np.ndarray, terms: dict[str, np.ndarray]) -> tuple[dict[str,
 
 def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:
     """AUC of a logistic regression on [model logit, term], fitted on the same rows (two weights: no overfit)."""
-    from mtl_core.metrics import fit_logistic
+    from mtl_core.judge.metrics import fit_logistic
 
     features = np.column_stack([logit, term])
     weights = fit_logistic(features, labels)

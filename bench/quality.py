@@ -42,13 +42,16 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="settings YAML for the models")
     args = parser.parse_args()
 
-    from mtl_core import warehouse as wh
     from mtl_core.config import load_settings
-    from mtl_core.evaluate import oracle_probabilities, paired_bootstrap_auc, score_tasks
-    from mtl_core.features import build_examples
-    from mtl_core.ingest import extract_snapshot
-    from mtl_core.simulate import ShopSpec, write_shop
-    from mtl_core.train import load_model, train
+    from mtl_core.data import warehouse as wh
+    from mtl_core.data.extract import extract_snapshot
+    from mtl_core.data.shop import ShopSpec, write_shop
+    from mtl_core.judge.bootstrap import paired_bootstrap_auc
+    from mtl_core.judge.evaluate import score_tasks
+    from mtl_core.judge.oracle import oracle_probabilities
+    from mtl_core.learn.checkpoint import load_model
+    from mtl_core.learn.examples import build_examples
+    from mtl_core.learn.training import train_model
 
     began = time.perf_counter()
     root = args.dir or Path(tempfile.mkdtemp(prefix="mtl-quality-"))
@@ -67,7 +70,7 @@ def main() -> None:
 
     def fit(name: str, run_settings, single_task: str | None = None) -> dict:
         t0 = time.perf_counter()
-        train(snapshot, root / name, run_settings, single_task=single_task, examples=examples, progress=False)
+        train_model(examples, root / name, run_settings, single_task=single_task, progress=False, source=snapshot)
         model = load_model(root / name)
         report, raw[name] = score_tasks(model, examples, list(model.settings.tasks), "holdout", engine)
         seconds[name] = round(time.perf_counter() - t0, 1)

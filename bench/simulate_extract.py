@@ -20,8 +20,8 @@ from pathlib import Path
 
 EXTRACT = """
 import json, resource, sys, time
-from mtl_core import warehouse as wh
-from mtl_core.ingest import extract_snapshot
+from mtl_core.data import warehouse as wh
+from mtl_core.data.extract import extract_snapshot
 url, start, end, out = sys.argv[1:5]
 began = time.perf_counter()
 manifest = extract_snapshot(wh.make_engine(url), start, end, out)
@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
 
-    from mtl_core import warehouse as wh
-    from mtl_core.simulate import ShopSpec, oracle_report, write_shop
+    from mtl_core.data import warehouse as wh
+    from mtl_core.data.shop import ShopSpec, oracle_report, write_shop
 
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="mtl-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

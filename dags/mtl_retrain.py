@@ -1,8 +1,8 @@
 """Weekly retraining of the multi-task recommender, promoted only when every task beats the champion.
 
 Wiring only: every task body calls one function of ``mtl_core.pipeline`` (the `mtl` command runs the
-same functions), XCom carries paths and small dicts, and heavy imports happen inside the tasks so the
-scheduler parses this file fast.
+same functions), XCom carries the uri of one artifact (``mtl_core.artifacts``) per task, and heavy imports
+happen inside the tasks so the scheduler parses this file fast.
 
 Settings come from ``mtl_core.config`` (defaults < $MTL_CONFIG YAML < MTL_* environment); a run's
 ``conf={"settings": {...}}`` overrides them for that run. The warehouse and MLflow URIs come from the
@@ -63,7 +63,7 @@ class OnCallNotifier(BaseNotifier):
         ti = context["ti"]
         snapshot = "?"
         try:
-            snapshot = (ti.xcom_pull(task_ids="extract") or {}).get("snapshot", "?")
+            snapshot = ti.xcom_pull(task_ids="extract") or "?"
         except Exception:  # the notifier must never fail itself
             log.debug("no snapshot in XCom", exc_info=True)
         reason = str(context.get("exception") or "unknown (see the task log)")
@@ -92,85 +92,81 @@ class OnCallNotifier(BaseNotifier):
     doc_md=__doc__,
 )
 def mtl_retrain():
+    # Each task loads its upstream artifact from the uri in XCom, runs one pipeline step, returns its own uri.
     @task(**RETRYING)
-    def extract(data_interval_end=None) -> dict:
+    def extract(data_interval_end=None) -> str:
         from mtl_core import pipeline
 
-        return pipeline.extract(run_settings(), data_interval_end)
+        return pipeline.extract(run_settings(), data_interval_end).uri
 
     @task
-    def validate(snapshot: dict) -> dict:
+    def validate(snapshot: str) -> str:
         from mtl_core import pipeline
-        from mtl_core.validate import ValidationFailed
+        from mtl_core.artifacts import Snapshot
+        from mtl_core.quality import ValidationFailed
 
         try:
-            return pipeline.validate(run_settings(), snapshot["snapshot"])
+            return pipeline.validate(run_settings(), Snapshot.load(snapshot)).uri
         except ValidationFailed as failed:
             get_current_context()["ti"].xcom_push(key="validation", value=failed.summary)
             raise
 
     @task
-    def build_features(snapshot: dict, validation: dict) -> dict:
+    def build_features(snapshot: str, run_id=None) -> str:
         from mtl_core import pipeline
+        from mtl_core.artifacts import Snapshot
 
-        return pipeline.build_features(run_settings(), snapshot["snapshot"])
+        return pipeline.build_features(run_settings(), Snapshot.load(snapshot), run_id).uri
 
     @task
-    def train_challenger(snapshot: dict, features: dict, run_id=None) -> dict:
+    def train_challenger(example_set: str, run_id=None) -> str:
         from mtl_core import pipeline
+        from mtl_core.artifacts import ExampleSet
 
-        settings = run_settings()
-        champion = pipeline.fetch_champion(settings, run_id)
-        return {**pipeline.train_challenger(settings, snapshot["snapshot"], run_id, champion), "champion_dir": champion}
+        return pipeline.train_challenger(run_settings(), ExampleSet.load(example_set), run_id).uri
 
     @task
-    def evaluate(snapshot: dict, challenger: dict, run_id=None) -> dict:
+    def evaluate(challenger: str) -> str:
         from mtl_core import pipeline
+        from mtl_core.artifacts import TrainedModel
 
-        return pipeline.evaluate(
-            run_settings(), snapshot["snapshot"], run_id, challenger["model_dir"], challenger["champion_dir"]
-        )
+        return pipeline.evaluate(run_settings(), TrainedModel.load(challenger)).uri
 
     @task(**RETRYING)
-    def register(snapshot: dict, validation: dict, challenger: dict, evaluation: dict, run_id=None) -> dict:
+    def register(comparison: str, run_id=None) -> str:
         from mtl_core import pipeline
+        from mtl_core.artifacts import Comparison
 
-        return pipeline.register(
-            run_settings(), run_id, snapshot["snapshot"], challenger["model_dir"], evaluation["comparison"],
-            validation, snapshot["interval"],
-        )  # fmt: skip
+        return pipeline.register(run_settings(), run_id, Comparison.load(comparison)).uri
 
     @task.branch
-    def gate(registered: dict, evaluation: dict) -> str:
+    def gate(registered: str) -> str:
         from mtl_core import pipeline
+        from mtl_core.artifacts import RegisteredModel
 
-        decision = pipeline.gate(run_settings(), registered["version"], evaluation["comparison"])
-        get_current_context()["ti"].xcom_push(key="decision", value=decision)
-        return "promote" if decision["verdict"] == "promote" else "record_rejection"
+        decision = pipeline.gate(run_settings(), RegisteredModel.load(registered))
+        get_current_context()["ti"].xcom_push(key="decision", value=decision.uri)
+        return "promote" if decision.promote else "record_rejection"
 
     @task
-    def promote(registered: dict) -> dict:
+    def promote() -> dict:
         from mtl_core import pipeline
+        from mtl_core.artifacts import GateDecision
 
         decision = get_current_context()["ti"].xcom_pull(task_ids="gate", key="decision")
-        return pipeline.promote(run_settings(), registered["version"], decision["reason"], registered["run_id"])
+        return pipeline.promote(run_settings(), GateDecision.load(decision))
 
     @task
-    def record_rejection(registered: dict) -> dict:
+    def record_rejection() -> dict:
         from mtl_core import pipeline
+        from mtl_core.artifacts import GateDecision
 
         decision = get_current_context()["ti"].xcom_pull(task_ids="gate", key="decision")
-        return pipeline.record_rejection(
-            run_settings(), registered["version"], decision["reason"], registered["run_id"]
-        )
+        return pipeline.record_rejection(run_settings(), GateDecision.load(decision))
 
-    snapshot = extract()
-    validation = validate(snapshot)
-    features = build_features(snapshot, validation)
-    challenger = train_challenger(snapshot, features)
-    evaluation = evaluate(snapshot, challenger)
-    registered = register(snapshot, validation, challenger, evaluation)
-    gate(registered, evaluation) >> [promote(registered), record_rejection(registered)]
+    snapshot = validate(extract())
+    registered = register(evaluate(train_challenger(build_features(snapshot))))
+    gate(registered) >> [promote(), record_rejection()]
 
 
 mtl_retrain()

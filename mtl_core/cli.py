@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +12,6 @@ import typer
 
 from mtl_core.config import Settings, load_settings
 from mtl_core.errors import MtlError
-
-# The repository's dags/ folder (the package is installed in development mode from the repository).
-DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 
 app = typer.Typer(
     help="Multi-task recommender retraining: simulate, extract, import logs, train, gate.",
@@ -49,13 +43,13 @@ def _print(payload: Any, as_json: bool, text: str) -> None:
 
 
 def _engine(db: str | None, settings: Settings):
-    from mtl_core import warehouse as wh
+    from mtl_core.data import warehouse as wh
 
     return wh.make_engine(db or settings.resolved_warehouse_url)
 
 
-@app.command()
-def simulate(
+@app.command("simulate")
+def simulate_command(
     users: Annotated[int | None, typer.Option(help="Number of users")] = None,
     items: Annotated[int | None, typer.Option(help="Number of items")] = None,
     days: Annotated[int | None, typer.Option(help="Number of simulated days")] = None,
@@ -68,7 +62,7 @@ def simulate(
     as_json: JsonOption = False,
 ) -> None:
     """Write a synthetic shop (users, items, feed and ad logs, ground truth) into the warehouse."""
-    from mtl_core.simulate import ShopSpec, write_shop
+    from mtl_core.data.shop import ShopSpec, write_shop
 
     settings = _settings(config)
     shop = settings.shop
@@ -94,8 +88,8 @@ def simulate(
            f"took {summary['seconds']} s")  # fmt: skip
 
 
-@app.command()
-def extract(
+@app.command("extract")
+def extract_command(
     start: Annotated[str, typer.Option(help="Interval start T0, included (YYYY-MM-DD or ISO time, UTC)")],
     end: Annotated[str, typer.Option(help="Interval end T1, excluded")],
     out: Annotated[Path, typer.Option(help="Snapshot directory to write (replaced atomically)")],
@@ -104,7 +98,7 @@ def extract(
     as_json: JsonOption = False,
 ) -> None:
     """Extract [start, end) of every warehouse table into a Parquet snapshot with a manifest."""
-    from mtl_core.ingest import extract_snapshot
+    from mtl_core.data.extract import extract_snapshot
 
     settings = _settings(config)
     manifest = extract_snapshot(_engine(db, settings), start, end, out)
@@ -112,13 +106,13 @@ def extract(
     _print(manifest, as_json, f"snapshot {out}: {rows}\ncontent hash {manifest['content_hash']}")
 
 
-@app.command()
-def describe(
+@app.command("describe")
+def describe_command(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot directory")],
     as_json: JsonOption = False,
 ) -> None:
     """Row counts and label rates of a snapshot."""
-    from mtl_core.ingest import describe_snapshot
+    from mtl_core.data.extract import describe_snapshot
 
     info = describe_snapshot(snapshot)
     _print(info, as_json, format_description(info))
@@ -133,89 +127,26 @@ def format_description(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command()
-def demo(
+@app.command("demo")
+def demo_command(
     users: Annotated[int, typer.Option(help="Users of the demo shop")] = 12000,
     items: Annotated[int, typer.Option(help="Items of the demo shop")] = 2500,
     config: ConfigOption = None,
 ) -> None:
     """The main job end to end: a drifting shop, three weekly DAG runs, then a corrupted week stopped by validation."""
-    import shutil
-    import time
+    from mtl_core.demo import run_demo
 
-    from mtl_core.registry import configure, format_status
-    from mtl_core.registry import status as registry_status
-    from mtl_core.simulate import ShopSpec, corrupt_interval, write_shop
-
-    began = time.perf_counter()
-    # The demo is a self-contained installation in <data dir>/demo on the embedded defaults (SQLite
-    # warehouse, MLflow and Airflow stores), started afresh each time; nothing else in the data dir is touched.
-    base = _settings(config)
-    demo_dir = (base.data_dir / "demo").resolve()
-    shutil.rmtree(demo_dir, ignore_errors=True)
-    for variable in ("MTL_WAREHOUSE_URL", "MTL_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
-        os.environ.pop(variable, None)
-    os.environ["MTL_DATA_DIR"] = str(demo_dir)
-    settings = base.model_copy(update={"data_dir": demo_dir, "warehouse_url": "", "mlflow_tracking_uri": ""})
-    start = date.fromisoformat(settings.shop.start)
-    weeks = [start + timedelta(days=7 * k) for k in (7, 8, 9, 10)]  # ends of the four intervals the DAG runs for
-    engine = _engine(None, settings)
-    typer.echo(f"data dir:  {settings.data_dir.resolve()}")
-    typer.echo(f"warehouse: {engine.url.render_as_string(hide_password=True)}")
-    typer.echo(f"mlflow:    {settings.resolved_mlflow_tracking_uri}")
-    days = (weeks[-1] - start).days
-    drift_day = (weeks[1] - start).days - 3  # tastes change during the second run's holdout week
-    shop = write_shop(engine, ShopSpec(users=users, items=items, days=days, start=start, seed=settings.shop.seed,
-                                       drift_day=drift_day), replace=True)  # fmt: skip
-    typer.echo(f"simulated {days} days from {start} ({shop.rows['impressions']:,} feed impressions), tastes drift "
-               f"from {start + timedelta(days=drift_day)}")  # fmt: skip
-    client = configure(settings.resolved_mlflow_tracking_uri)
-    for number, end in enumerate(weeks, 1):
-        if number == 4:
-            damage = corrupt_interval(engine, end - timedelta(days=7), end)
-            typer.echo(f"\ncorrupted the week before {end}: {', '.join(damage)}")
-        typer.echo(f"\nrun {number}: mtl_retrain for the interval ending {end} ...")
-        t0 = time.perf_counter()
-        states = run_dag_in_process(settings, end.isoformat(), quiet=True)
-        failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
-        typer.echo(f"  tasks: {', '.join(f'{t}={st}' for t, st in states.items())}  ({time.perf_counter() - t0:.0f} s)")
-        if failed:
-            first = next(t for t in ("extract", "validate", "build_features", "train_challenger", "evaluate",
-                                     "register", "gate") if states.get(t) == "failed")  # fmt: skip
-            typer.echo(f"  stopped at {first}; nothing registered after it, champion unchanged")
-            for result in settings.snapshots_dir.glob(f"*-{end:%Y%m%d}/validation/result.json"):
-                for failure in json.loads(result.read_text())["summary"]["failures"]:
-                    where = f"{failure['table']}.{failure['column']}"
-                    seen = f"{failure['unexpected_count']} unexpected, e.g. {failure['sample_values'][:3]}"
-                    typer.echo(f"    {where}: {failure['expectation']} ({seen})")
-            continue
-        comparison = _latest_comparison(settings)
-        for task, entry in comparison["tasks"].items():
-            champion = entry.get("champion")
-            oracle = entry["challenger"].get("oracle_auc")
-            typer.echo(f"  {task:<7} challenger auc {entry['challenger']['auc']:.4f}"
-                       + (f"  champion {champion['auc']:.4f}" if champion else "  (no champion yet)")
-                       + (f"  oracle {oracle:.4f}" if oracle else ""))  # fmt: skip
-        decision = registry_status(client, settings.pipeline.model_name)["last_decision"]
-        typer.echo(f"  verdict: {decision['verdict']} v{decision['version']}: {decision['reason']}")
-    typer.echo("\n" + format_status(registry_status(client, settings.pipeline.model_name)))
-    typer.echo(f"\nreview in the MLflow UI: mlflow ui --backend-store-uri {settings.resolved_mlflow_tracking_uri}")
-    typer.echo(f"demo took {time.perf_counter() - began:.0f} s")
+    run_demo(_settings(config), users, items, say=typer.echo)
 
 
-def _latest_comparison(settings: Settings) -> dict[str, Any]:
-    runs = sorted((settings.data_dir / "runs").glob("*/comparison.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(runs[-1].read_text())
-
-
-@app.command()
-def validate(
+@app.command("validate")
+def validate_command(
     snapshot: Annotated[Path, typer.Option(help="Snapshot directory (mtl extract)")],
     previous: Annotated[Path | None, typer.Option(help="The previous run's snapshot, for volume checks")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run the Great Expectations suites of expectations/ on a snapshot; exit 1 if any expectation fails."""
-    from mtl_core.validate import validate_command_output, validate_snapshot
+    from mtl_core.quality import validate_command_output, validate_snapshot
 
     report = validate_snapshot(snapshot, previous)
     _print(report.summary(), as_json, validate_command_output(report))
@@ -223,8 +154,8 @@ def validate(
         raise typer.Exit(code=1)
 
 
-@app.command()
-def train(
+@app.command("train")
+def train_command(
     snapshot: Annotated[Path, typer.Option(help="Snapshot directory (mtl extract)")],
     out: Annotated[Path, typer.Option(help="Model directory to write")],
     single_task: Annotated[str | None, typer.Option("--single-task", help="Train one task's baseline only")] = None,
@@ -234,10 +165,10 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Train the joint multi-task model on a snapshot; print per-task validation metrics."""
-    from mtl_core.train import train as run_training
+    from mtl_core.learn.training import train_on_snapshot
 
     settings = _settings(config)
-    result = run_training(snapshot, out, settings, single_task=single_task, warm_start=warm_start, resume=resume,
+    result = train_on_snapshot(snapshot, out, settings, single_task=single_task, warm_start=warm_start, resume=resume,
                           progress=not as_json and sys.stderr.isatty())  # fmt: skip
     payload = result.as_dict()
     text = "\n".join(
@@ -248,8 +179,8 @@ def train(
     _print(payload, as_json, text)
 
 
-@app.command()
-def evaluate(
+@app.command("evaluate")
+def evaluate_command(
     model: Annotated[Path, typer.Option(help="Model directory (mtl train)")],
     snapshot: Annotated[Path, typer.Option(help="Snapshot directory to score")],
     split: Annotated[str, typer.Option(help="holdout, valid or train")] = "holdout",
@@ -258,8 +189,8 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Per-task AUC, log loss, calibration and slices on a snapshot's holdout (oracle AUC on simulated data)."""
-    from mtl_core.evaluate import evaluate_model
-    from mtl_core.features import SPLITS
+    from mtl_core.judge.evaluate import evaluate_model
+    from mtl_core.learn.examples import SPLITS
 
     if split not in SPLITS:
         _fail(f"--split {split!r} is not one of {', '.join(SPLITS)}")
@@ -273,77 +204,8 @@ def evaluate(
     _print(report, as_json, "\n".join(lines))
 
 
-def _airflow_env(settings: Settings) -> dict[str, str]:
-    """The embedded Airflow: home, metadata DB and DAGs folder under the data dir / repo (set before import)."""
-    home = (settings.data_dir / "airflow").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": os.environ.get(
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}"
-        ),
-        "MTL_DATA_DIR": str(settings.data_dir.resolve()),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-
-
-def prepare_airflow(settings: Settings) -> None:
-    """Point this process's Airflow at the embedded installation and migrate its metadata DB when new.
-
-    Must run before anything imports airflow: Airflow reads its configuration once, on first import.
-    """
-    import subprocess
-
-    env = _airflow_env(settings)
-    os.environ.update(env)
-    db_file = Path(env["AIRFLOW_HOME"]) / "airflow.db"
-    if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") and not db_file.exists():
-        migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env={**os.environ, **env},
-                                 capture_output=True, text=True)  # fmt: skip
-        if migrate.returncode != 0:
-            raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send everything written to stdout (Airflow's task logs) to stderr for a while, at the descriptor level."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def run_dag_in_process(
-    settings: Settings, logical_date: str, conf: dict[str, Any] | None = None, quiet: bool = False
-) -> dict[str, str]:
-    """Run the real DAG for the interval ending at ``logical_date`` in this process, as `airflow dags test`.
-
-    Returns each task's final state. ``quiet`` sends Airflow's task logs to stderr instead of stdout.
-    """
-    if quiet:
-        with _stdout_to_stderr():
-            return run_dag_in_process(settings, logical_date, conf)
-    prepare_airflow(settings)
-    import pendulum
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS_FOLDER))
-    if bag.import_errors:
-        raise MtlError(f"the DAGs folder has import errors: {bag.import_errors}")
-    dag = bag.get_dag("mtl_retrain")
-    run = dag.test(logical_date=pendulum.parse(logical_date, tz="UTC"), run_conf=conf or None)
-    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
-
-
 @app.command("run-dag")
-def run_dag(
+def run_dag_command(
     logical_date: Annotated[str, typer.Option("--logical-date", help="YYYY-MM-DD: the run whose interval ends then")],
     conf: Annotated[str | None, typer.Option(help='Run conf as JSON, e.g. {"settings": {...}}')] = None,
     config: ConfigOption = None,
@@ -355,6 +217,8 @@ def run_dag(
         run_conf = json.loads(conf) if conf else None
     except json.JSONDecodeError as exc:
         _fail(f"--conf is not JSON: {exc}")
+    from mtl_core.local_airflow import run_dag_in_process
+
     states = run_dag_in_process(settings, logical_date, run_conf)
     failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
     lines = [f"  {task:<18} {state}" for task, state in states.items()]
@@ -363,19 +227,19 @@ def run_dag(
         raise typer.Exit(code=1)
 
 
-@app.command()
-def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+@app.command("status")
+def status_command(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """The champion, the challenger, their per-task metrics and the last gate decision."""
-    from mtl_core.registry import configure, format_status
-    from mtl_core.registry import status as registry_status
+    from mtl_core.registry.status import format_status, status
+    from mtl_core.registry.store import configure
 
     settings = _settings(config)
-    state = registry_status(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name)
+    state = status(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name)
     _print(state, as_json, format_status(state))
 
 
-@app.command()
-def promote(
+@app.command("promote")
+def promote_command(
     version: Annotated[int, typer.Option(help="Model version to make champion")],
     by: Annotated[str, typer.Option(help="Who decides (recorded on the version)")],
     why: Annotated[str, typer.Option(help="Why (recorded on the version)")],
@@ -383,27 +247,27 @@ def promote(
     as_json: JsonOption = False,
 ) -> None:
     """Manual override: make VERSION the champion (the old one becomes previous), recording who and why."""
-    from mtl_core.registry import configure
-    from mtl_core.registry import promote as move
+    from mtl_core.registry.aliases import promote
+    from mtl_core.registry.store import configure
 
     settings = _settings(config)
-    result = move(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, version, by, why)
+    result = promote(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, version, by, why)
     _print(result, as_json, f"version {version} is champion ({json.dumps(result, default=str)})")
 
 
-@app.command()
-def rollback(
+@app.command("rollback")
+def rollback_command(
     by: Annotated[str, typer.Option(help="Who decides (recorded)")] = "on-call",
     why: Annotated[str, typer.Option(help="Why (recorded)")] = "manual rollback",
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Move the champion alias back to the previous champion."""
-    from mtl_core.registry import configure
-    from mtl_core.registry import rollback as move_back
+    from mtl_core.registry.aliases import rollback
+    from mtl_core.registry.store import configure
 
     settings = _settings(config)
-    result = move_back(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, by, why)
+    result = rollback(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, by, why)
     _print(result, as_json, f"rolled back: {json.dumps(result, default=str)}")
 
 
@@ -417,7 +281,7 @@ def import_logs_command(
     as_json: JsonOption = False,
 ) -> None:
     """Import external behaviour logs (Taobao UserBehavior layout or a YAML mapping) into the warehouse."""
-    from mtl_core.import_logs import import_logs
+    from mtl_core.data.import_logs import import_logs
 
     settings = _settings(config)
     report = import_logs(file, format, _engine(db, settings), skip_bad=skip_bad)

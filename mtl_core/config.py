@@ -9,6 +9,7 @@ silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,19 @@ from mtl_core.errors import MtlError
 
 ENV_PREFIX = "MTL_"
 CONFIG_ENV_VAR = "MTL_CONFIG"
+
+
+# user:password@ in any connection URL, wherever it stands in a text (a URL, a JSON dump of the settings).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every connection URL in it replaced by ``***``.
+
+    Everything that leaves the process (MLflow params and artifacts, logs, on-call messages) goes through
+    this, since anyone who can read those must not learn the database credentials.
+    """
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class ConfigError(MtlError):

@@ -1,26 +1,32 @@
 """The retraining run, step by step: what each task of the DAG does, callable without Airflow.
 
-Every step takes plain values (settings, paths, the data interval) and returns a small JSON-ready dict,
-so Airflow passes only paths and summaries through XCom, and an on-call engineer can replay any step
-from a shell with the same code. Files of one run live under ``<data_dir>/runs/<run key>/``.
+Each step takes the settings and the artifact its upstream step made, and returns the artifact it makes
+(``mtl_core.artifacts``), so Airflow passes only a uri between tasks and an on-call engineer can replay any
+step from a shell with the same code. Files of one run live under ``<data_dir>/runs/<run key>/``.
 
-extract -> validate -> build features -> train challenger -> evaluate challenger and champion on the
-same holdout -> register -> gate -> promote | record rejection.
+    extract -> validate -> build_features -> train_challenger -> evaluate (challenger and champion on the
+    same holdout) -> register -> gate -> promote | record_rejection
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mtl_core.config import Settings
-from mtl_core.errors import MtlError
+from mtl_core.artifacts import (
+    Comparison,
+    ExampleSet,
+    GateDecision,
+    RegisteredModel,
+    Snapshot,
+    TrainedModel,
+)
+from mtl_core.config import Settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,7 @@ NEXT_STEP = {
     "promote": "check the MLflow registry ({mlflow}); promote by hand with mtl promote --version N if right",
     "record_rejection": "nothing is lost: the champion is unchanged; see mtl status",
 }
-
-
-class PipelineError(MtlError):
-    pass
+INPUT_EXAMPLE_ROWS = 20  # holdout rows stored with the registered model as its input example
 
 
 def _as_datetime(value: Any) -> datetime:
@@ -69,19 +72,27 @@ def training_window(settings: Settings, interval_end: Any) -> tuple[datetime, da
     return end - timedelta(days=days), end
 
 
-def extract(settings: Settings, interval_end: Any) -> dict[str, Any]:
-    from mtl_core import warehouse as wh
-    from mtl_core.ingest import extract_snapshot
+def _client(settings: Settings):
+    from mtl_core.registry.store import configure
+
+    return configure(settings.resolved_mlflow_tracking_uri)
+
+
+def _warehouse(settings: Settings):
+    from mtl_core.data.warehouse import make_engine
+
+    return make_engine(settings.resolved_warehouse_url)
+
+
+# ---- the steps ------------------------------------------------------------------------------------------
+def extract(settings: Settings, interval_end: Any) -> Snapshot:
+    """The training window ending at the interval's end, as a snapshot (replaced atomically if it exists)."""
+    from mtl_core.data.extract import extract_snapshot
 
     start, end = training_window(settings, interval_end)
     out = settings.snapshots_dir / f"{start:%Y%m%d}-{end:%Y%m%d}"
-    manifest = extract_snapshot(wh.make_engine(settings.resolved_warehouse_url), start, end, out)
-    return {
-        "snapshot": str(out),
-        "content_hash": manifest["content_hash"],
-        "interval": manifest["interval"],
-        "rows": {name: meta["rows"] for name, meta in manifest["tables"].items()},
-    }
+    extract_snapshot(_warehouse(settings), start, end, out)
+    return Snapshot.load(out)
 
 
 def previous_snapshot(settings: Settings, snapshot: str | Path) -> Path | None:
@@ -94,113 +105,120 @@ def previous_snapshot(settings: Settings, snapshot: str | Path) -> Path | None:
     return max(older, key=lambda p: p.name.split("-")[-1]) if older else None
 
 
-def validate(settings: Settings, snapshot: str) -> dict[str, Any]:
-    """Raises ``ValidationFailed`` (listing every failing expectation) when the data is not fit to train on."""
-    from mtl_core.validate import run_validation
+def validate(settings: Settings, snapshot: Snapshot) -> Snapshot:
+    """The same snapshot, now validated; raises ``ValidationFailed`` (listing every failing expectation)."""
+    from mtl_core.quality import run_validation
 
-    return run_validation(snapshot, previous_snapshot(settings, snapshot))
+    run_validation(snapshot.uri, previous_snapshot(settings, snapshot.uri))
+    return snapshot
 
 
-def build_features(settings: Settings, snapshot: str) -> dict[str, Any]:
-    """Examples per task and split, and every distinct text encoded into the cache (once across runs)."""
-    from mtl_core.features import build_examples, split_summary
-    from mtl_core.train import TrainingError, text_matrix
+def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> ExampleSet:
+    """Every task's examples, built once for the whole run, and every distinct text encoded into the cache."""
+    from mtl_core.learn import TrainingError
+    from mtl_core.learn.examples import build_examples, save_examples, split_summary
+    from mtl_core.learn.text import text_matrix
 
-    began = time.perf_counter()
-    examples = build_examples(snapshot, settings.features, settings.tasks)
+    examples = build_examples(snapshot.uri, settings.features, settings.tasks)
     counts = split_summary(examples)
     empty = {name: c for name, c in counts.items() if min(c.values()) == 0}
     if empty:
-        raise TrainingError(
-            f"task(s) {', '.join(empty)} have no examples in some split of {snapshot}: {json.dumps(empty)}"
-        )
+        raise TrainingError(f"task(s) {', '.join(empty)} have no examples in some split of {snapshot.uri}: {json.dumps(empty)}")
     if settings.text.enabled:
         text_matrix(examples.texts, settings, settings.data_dir / "text_cache", progress=False)
-    return {"examples": counts, "texts": len(examples.texts), "seconds": round(time.perf_counter() - began, 1)}
+    out = run_dir(settings, run_key) / "examples"
+    save_examples(examples, out)
+    return ExampleSet(
+        uri=str(out),
+        snapshot=snapshot.uri,
+        snapshot_hash=snapshot.content_hash,
+        task_names=examples.task_names,
+        counts=counts,
+        texts=len(examples.texts),
+    ).save()
 
 
-def _client(settings: Settings):
-    from mtl_core.registry import configure
+def fetch_champion(settings: Settings, run_key: str) -> TrainedModel | None:
+    """The champion's model directory, downloaded into the run (None while there is no champion)."""
+    from mtl_core.learn.checkpoint import load_model
+    from mtl_core.registry.aliases import CHAMPION, current_alias
+    from mtl_core.registry.pyfunc import download_model_dir
 
-    return configure(settings.resolved_mlflow_tracking_uri)
+    client = _client(settings)
+    model_name = settings.pipeline.model_name
+    version = current_alias(client, model_name, CHAMPION)
+    if version is None:
+        return None
+    path = download_model_dir(client, model_name, version, run_dir(settings, run_key) / "champion")
+    record = run_dir(settings, run_key) / "champion.json"
+    names = load_model(path).task_names
+    return TrainedModel(uri=str(record), model_dir=str(path), task_names=names, version=version).save()
 
 
-def fetch_champion(settings: Settings, run_key: str) -> str | None:
-    from mtl_core.registry import champion_model_dir
+def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) -> TrainedModel:
+    """Fetch the champion, then train the challenger (from the champion's weights when warm starting).
 
-    path = champion_model_dir(_client(settings), settings.pipeline.model_name, run_dir(settings, run_key) / "champion")
-    return str(path) if path else None
+    Retried, it resumes from its checkpoint.
+    """
+    from mtl_core.learn.training import train_model
 
-
-def train_challenger(settings: Settings, snapshot: str, run_key: str, champion_dir: str | None) -> dict[str, Any]:
-    from mtl_core.train import train
-
+    champion = fetch_champion(settings, run_key)
+    warm = champion.model_dir if settings.pipeline.warm_start and champion else None
     out = run_dir(settings, run_key) / "challenger"
-    warm = champion_dir if settings.pipeline.warm_start and champion_dir else None
-    result = train(snapshot, out, settings, warm_start=warm, resume=True, progress=False)
-    (run_dir(settings, run_key) / "training.json").write_text(
-        json.dumps({**result.as_dict(), "history": result.history}, default=float)
+    result = train_model(
+        example_set.examples(), out, settings, warm_start=warm, resume=True, progress=False, source=example_set.snapshot
     )
-    return {
-        "model_dir": str(out),
-        "valid": {t: round(m["auc"], 4) for t, m in result.metrics.items()},
-        "warm_start": bool(warm),
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-    }
+    return TrainedModel(
+        uri=str(run_dir(settings, run_key) / "challenger.json"),
+        model_dir=str(out),
+        task_names=example_set.task_names,
+        examples=example_set.uri,
+        champion=champion.uri if champion else None,
+        warm_started=bool(warm),
+        valid_metrics=result.metrics,
+        steps=result.steps,
+        best_step=result.best_step,
+        seconds=round(result.seconds, 1),
+        history=result.history,
+    ).save()
 
 
-def evaluate(settings: Settings, snapshot: str, run_key: str, challenger_dir: str, champion_dir: str | None) -> dict:
-    """Challenger and champion on the same holdout rows; the comparison goes to the run directory."""
-    from mtl_core import warehouse as wh
-    from mtl_core.evaluate import compare_models, evaluate_model
+def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
+    """Challenger and champion on the same holdout rows, with a paired-bootstrap interval per task."""
+    from mtl_core.judge.evaluate import score_against_champion
+    from mtl_core.learn.checkpoint import load_model
 
-    truth = wh.make_engine(settings.resolved_warehouse_url)  # oracle AUCs when the warehouse is the simulated shop
-    if champion_dir:
-        comparison = compare_models(
-            challenger_dir, champion_dir, snapshot, n_boot=settings.pipeline.bootstrap_samples, truth_engine=truth
-        )
-    else:
-        alone = evaluate_model(challenger_dir, snapshot, truth_engine=truth)
-        comparison = {
-            "tasks": {t: {"challenger": m, "champion": None, "auc_delta": None} for t, m in alone["tasks"].items()},
-            "split": "holdout",
-        }
-    path = run_dir(settings, run_key) / "comparison.json"
-    path.write_text(json.dumps(comparison, default=_json_default, indent=2))
-    return {"comparison": str(path), "auc": _aucs(comparison)}
-
-
-def _aucs(comparison: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    out = {}
-    for task, entry in comparison["tasks"].items():
-        champion = entry.get("champion")
-        out[task] = {
-            "challenger": round(entry["challenger"]["auc"], 4),
-            "champion": round(champion["auc"], 4) if champion else None,
-        }
-    return out
+    example_set = ExampleSet.load(challenger.examples)
+    champion = TrainedModel.load(challenger.champion) if challenger.champion else None
+    scored = score_against_champion(
+        load_model(challenger.model_dir),
+        load_model(champion.model_dir) if champion else None,
+        example_set.examples(),
+        n_boot=settings.pipeline.bootstrap_samples,
+        truth_engine=_warehouse(settings),  # oracle AUCs when the warehouse is the simulated shop
+    )
+    folder = Path(challenger.uri).parent
+    Comparison.save_predictions(folder / "predictions.parquet", scored.labels, scored.probabilities)
+    return Comparison(
+        uri=str(folder / "comparison.json"),
+        challenger=challenger.uri,
+        champion=champion.uri if champion else None,
+        examples=example_set.uri,
+        split=scored.comparison["split"],
+        tasks=scored.comparison["tasks"],
+        predictions=str(folder / "predictions.parquet"),
+    ).save()
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
-
-
-def register(
-    settings: Settings,
-    run_key: str,
-    snapshot: str,
-    challenger_dir: str,
-    comparison_path: str,
-    validation: dict[str, Any] | None,
-    data_interval: dict[str, str],
-) -> dict[str, Any]:
+def register(settings: Settings, run_key: str, comparison: Comparison) -> RegisteredModel:
     """One MLflow run per DAG run (found again by its run key) and one model version, even when retried."""
-    from mtl_core.features import build_examples, examples_frame
-    from mtl_core.registry import holdout_predictions, log_and_register_model, log_training, run_for_key
+    from mtl_core.learn.examples import examples_frame
+    from mtl_core.registry.pyfunc import log_and_register_model
+    from mtl_core.registry.runs import log_training, run_for_key
 
+    challenger = TrainedModel.load(comparison.challenger)
+    example_set = ExampleSet.load(comparison.examples)
+    snapshot = Snapshot.load(example_set.snapshot)
     # Record where things resolved to, not how they were spelt: a retry that finds the same store through
     # another route (MLFLOW_TRACKING_URI instead of the default) is the same configuration.
     settings = settings.model_copy(
@@ -210,63 +228,92 @@ def register(
         }
     )
     client = _client(settings)
-    run_id = run_for_key(client, settings.pipeline.experiment, run_key, run_name=f"retrain {data_interval['end']}")
-    comparison = json.loads(Path(comparison_path).read_text())
-    training = json.loads((run_dir(settings, run_key) / "training.json").read_text())
-    ours = {t: e["challenger"] for t, e in comparison["tasks"].items()}
-    theirs = {t: e["champion"] for t, e in comparison["tasks"].items() if e.get("champion")}
-    labels, probs = holdout_predictions(challenger_dir, snapshot)
+    run_id = run_for_key(client, settings.pipeline.experiment, run_key, run_name=f"retrain {snapshot.interval['end']}")
+    ours = {task: entry["challenger"] for task, entry in comparison.tasks.items()}
+    theirs = {task: entry["champion"] for task, entry in comparison.tasks.items() if entry.get("champion")}
+    labels, probs = comparison.holdout_predictions()
     log_training(
-        client, run_id, settings, metrics=ours, champion_metrics=theirs or None, history=training["history"],
-        snapshot_manifest=snapshot, validation_summary=validation, data_interval=data_interval,
-        snapshot_dir=snapshot, predictions={task: (labels[task], probs[task]) for task in probs},
-    )  # fmt: skip
-    client.log_artifact(run_id, comparison_path, "evaluation")
-    examples = build_examples(snapshot, settings.features, settings.tasks)
-    rows = np.flatnonzero(examples.split == "holdout")[:: max(1, int(np.sum(examples.split == "holdout")) // 20)][:20]
-    version = log_and_register_model(
-        client, run_id, challenger_dir, settings.pipeline.model_name, input_example=examples_frame(examples, rows)
+        client,
+        run_id,
+        settings,
+        metrics=ours,
+        champion_metrics=theirs or None,
+        history=challenger.history,
+        snapshot_manifest=snapshot.manifest,
+        validation_summary=snapshot.validation_summary(),
+        data_interval=snapshot.interval,
+        snapshot_dir=snapshot.uri,
+        predictions={task: (labels[task], probs[task]) for task in probs},
     )
-    return {"version": version, "run_id": run_id}
+    client.log_artifact(run_id, comparison.uri, "evaluation")
+    examples = example_set.examples()
+    holdout = np.flatnonzero(examples.split == "holdout")
+    rows = holdout[:: max(1, len(holdout) // INPUT_EXAMPLE_ROWS)][:INPUT_EXAMPLE_ROWS]
+    version = log_and_register_model(
+        client,
+        run_id,
+        challenger.model_dir,
+        settings.pipeline.model_name,
+        input_example=examples_frame(examples, rows),
+    )
+    return RegisteredModel(
+        uri=str(Path(comparison.uri).parent / "registered.json"),
+        model_name=settings.pipeline.model_name,
+        version=version,
+        run_id=run_id,
+        comparison=comparison.uri,
+    ).save()
 
 
-def gate(settings: Settings, version: int, comparison_path: str) -> dict[str, Any]:
-    """Decide and record the decision on the version (pass or fail); the alias moves in ``promote``."""
-    from mtl_core.gate import decide, record_decision
+def gate(settings: Settings, registered: RegisteredModel) -> GateDecision:
+    """Decide and record the decision on the version, pass or fail; the alias moves in ``promote``."""
+    from mtl_core.judge.gate import decide
+    from mtl_core.registry.decisions import record_decision
 
-    comparison = json.loads(Path(comparison_path).read_text())
+    comparison = Comparison.load(registered.comparison).as_gate_input()
     decision = decide(comparison, list(settings.tasks), settings.gate)
-    record_decision(_client(settings), settings.pipeline.model_name, version, decision, comparison)
-    return {"verdict": decision.verdict, "reason": decision.reason, "version": version}
+    document = record_decision(_client(settings), registered.model_name, registered.version, decision, comparison)
+    return GateDecision(
+        uri=str(Path(registered.uri).parent / "decision.json"),
+        registered=registered.uri,
+        model_name=registered.model_name,
+        version=registered.version,
+        run_id=registered.run_id,
+        verdict=decision.verdict,
+        reason=decision.reason,
+        champion_version=document["champion"]["version"],
+        per_task=decision.per_task,
+        rule=decision.rule,
+        decided_at=decision.decided_at,
+    ).save()
 
 
-def promote(settings: Settings, version: int, reason: str, run_id: str | None = None) -> dict[str, Any]:
-    from mtl_core.registry import finish_run
-    from mtl_core.registry import promote as move_aliases
+def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
+    """Move ``champion`` to the version (the old champion becomes ``previous``) and close the run."""
+    from mtl_core.registry.aliases import promote as move_aliases
+    from mtl_core.registry.runs import finish_run
 
     client = _client(settings)
-    moved = move_aliases(client, settings.pipeline.model_name, version, actor="mtl_retrain DAG", why=reason)
-    if run_id:
-        finish_run(client, run_id)
+    moved = move_aliases(client, decision.model_name, decision.version, actor="mtl_retrain DAG", why=decision.reason)
+    finish_run(client, decision.run_id)
     return moved
 
 
-def record_rejection(settings: Settings, version: int, reason: str, run_id: str | None = None) -> dict[str, Any]:
+def record_rejection(settings: Settings, decision: GateDecision) -> dict[str, Any]:
     """The gate already wrote the decision on the version; this closes the run and says so in the log."""
-    from mtl_core.registry import finish_run
+    from mtl_core.registry.runs import finish_run
 
-    if run_id:
-        finish_run(_client(settings), run_id)
-    log.warning("challenger version %s rejected, champion unchanged: %s", version, reason)
-    return {"version": version, "verdict": "reject", "reason": reason}
+    finish_run(_client(settings), decision.run_id)
+    log.warning("challenger version %s rejected, champion unchanged: %s", decision.version, decision.reason)
+    return {"version": decision.version, "verdict": "reject", "reason": decision.reason}
 
 
 def oncall_message(dag_id: str, run_id: str, task_id: str, reason: str, settings: Settings, snapshot: str = "?") -> str:
     """The one message an on-call engineer gets when a task fails: what, where, why, and what to do next."""
     hint = NEXT_STEP.get(task_id, "see the task log").format(
         snapshot=snapshot,
-        warehouse=_redacted(settings.resolved_warehouse_url),
-        mlflow=_redacted(settings.resolved_mlflow_tracking_uri),
+        warehouse=redact(settings.resolved_warehouse_url),
+        mlflow=redact(settings.resolved_mlflow_tracking_uri),
     )
     return (
         f"[mtl] DAG {dag_id}, run {run_id}: task {task_id} failed.\n"
@@ -275,12 +322,3 @@ def oncall_message(dag_id: str, run_id: str, task_id: str, reason: str, settings
         f"Next step: {hint}\n"
         f"Replay: mtl run-dag --logical-date <the run's logical date>"
     )
-
-
-def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a database URL (an MLflow http URI): no password in it
-        return url

@@ -12,7 +12,7 @@ import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 
 # The local server of the development and CI machines; override to point the tests elsewhere.
 PG_ADMIN_URL = os.environ.get("MTL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -1,9 +1,11 @@
 """The real retraining DAG with dag.test(): Airflow, MLflow and the warehouse on SQLite.
 
-The tests run in order over one installation (Airflow reads its configuration once per process), as the
-weeks of a shop go by: a weak first model is promoted, a better one after the drift replaces it, one that
-neglects a task is rejected, a corrupted week stops at validation, a failure after registration leaves
-the champion alone. dag.test() does not raise when a task fails, so every test asserts task states.
+The weeks of one shop go by in one installation (Airflow reads its configuration once per process): a weak
+first model is promoted, a better one after the drift replaces it, one that neglects a task is rejected, a
+corrupted week stops at validation, a failure after registration leaves the champion alone. Each run is a
+module-scoped fixture that asks for the runs it builds on and records what the registry said right after
+it, so every test can run alone (``pytest tests/integration/test_dag.py::NAME``) or with the others.
+dag.test() does not raise when a task fails, so every test asserts task states.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from datetime import date, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from mtl_core import warehouse as wh
-from mtl_core.cli import DAGS_FOLDER, app, prepare_airflow, run_dag_in_process
+from mtl_core import pipeline
+from mtl_core.artifacts import Comparison, RegisteredModel
+from mtl_core.cli import app
 from mtl_core.config import load_settings
-from mtl_core.simulate import ShopSpec, corrupt_interval, write_shop
+from mtl_core.data import warehouse as wh
+from mtl_core.data.shop import ShopSpec, corrupt_interval, write_shop
+from mtl_core.local_airflow import DAGS_FOLDER, prepare_airflow, run_dag_in_process
 
 START = date(2026, 1, 5)
 WEEK = [START + timedelta(days=7 * k) for k in range(11)]  # WEEK[k] is the end of week k
@@ -57,13 +62,13 @@ def _run(settings, week_end: date, conf: dict | None = None) -> dict[str, str]:
 
 
 def _client(settings):
-    from mtl_core.registry import configure
+    from mtl_core.registry.store import configure
 
     return configure(settings.resolved_mlflow_tracking_uri)
 
 
 def _alias(settings, alias: str) -> int | None:
-    from mtl_core.registry import current_alias
+    from mtl_core.registry.aliases import current_alias
 
     return current_alias(_client(settings), settings.pipeline.model_name, alias)
 
@@ -78,6 +83,74 @@ def _decision(settings, version: int) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k.startswith("gate.")}
 
 
+def _registry(settings) -> dict[str, int | None]:
+    """What the registry says right now: the aliases and how many versions there are."""
+    aliases = {alias: _alias(settings, alias) for alias in ("champion", "challenger", "previous")}
+    return {**aliases, "versions": _versions(settings)}
+
+
+def _latest_comparison(settings) -> Comparison:
+    runs = sorted((settings.data_dir / "runs").glob("*/comparison.json"), key=lambda p: p.stat().st_mtime)
+    return Comparison.load(runs[-1])
+
+
+# --- the runs, each once per module, in the order the weeks go by ----------------------------------------
+@pytest.fixture(scope="module")
+def first_run(installation):
+    settings, _ = installation
+    # A deliberately weak first model (a few steps), so the next one has room to beat it on every task.
+    weak = {"settings": {"train": {"epochs": 1, "steps_per_epoch": 80}}}
+    states = _run(settings, WEEK[6], weak)
+    return {"states": states, "after": _registry(settings), "decision": _decision(settings, 1)}
+
+
+@pytest.fixture(scope="module")
+def drift_run(installation, first_run):
+    settings, _ = installation
+    states = _run(settings, WEEK[7])
+    version = _registry(settings)["challenger"]
+    return {
+        "states": states,
+        "after": _registry(settings),
+        "decision": _decision(settings, version),
+        "comparison": _latest_comparison(settings),
+    }
+
+
+@pytest.fixture(scope="module")
+def rejected_run(installation, drift_run):
+    settings, _ = installation
+    # churn's loss weighted 0: its head never trains, so it cannot match the champion's churn AUC.
+    tasks = [t.model_dump() | ({"weight": 0.0} if t.name == "churn" else {}) for t in settings.tasks]
+    states = _run(settings, WEEK[8], {"settings": {"tasks": tasks}})
+    after = _registry(settings)
+    return {"states": states, "after": after, "decision": _decision(settings, after["challenger"])}
+
+
+@pytest.fixture(scope="module")
+def corrupted_run(installation, drift_run):
+    settings, engine = installation
+    before = _registry(settings)
+    corrupt_interval(engine, WEEK[9] - timedelta(days=7), WEEK[9], kinds=("null_ids", "bad_event_types"))
+    states = _run(settings, WEEK[9])
+    return {"states": states, "before": before, "after": _registry(settings)}
+
+
+@pytest.fixture(scope="module")
+def failed_gate_run(installation, drift_run):
+    settings, _ = installation
+
+    def broken_gate(*args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    before = _registry(settings)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "gate", broken_gate)
+        states = _run(settings, WEEK[8])
+    return {"states": states, "before": before, "after": _registry(settings)}
+
+
+# --- the tests ----------------------------------------------------------------------------------------
 def test_the_dag_folder_has_no_import_errors(installation):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -88,92 +161,72 @@ def test_the_dag_folder_has_no_import_errors(installation):
     assert dag.get_task("extract").retries == 0 and set(dag.task_ids) >= {"validate", "gate", "promote"}
 
 
-def test_first_run_promotes(installation):
-    settings, _ = installation
-    # A deliberately weak first model (a few steps), so the next one has room to beat it on every task.
-    weak = {"settings": {"train": {"epochs": 1, "steps_per_epoch": 80}}}
-    states = _run(settings, WEEK[6], weak)
+def test_first_run_promotes(first_run):
+    states = first_run["states"]
     assert states["promote"] == "success" and states["record_rejection"] == "skipped", states
     assert all(state in ("success", "skipped") for state in states.values()), states
-    assert _alias(settings, "champion") == 1 and _alias(settings, "challenger") == 1
-    assert _decision(settings, 1)["gate.verdict"] == "promote"
+    assert first_run["after"]["champion"] == 1 and first_run["after"]["challenger"] == 1
+    assert first_run["decision"]["gate.verdict"] == "promote"
 
 
-def test_run_after_drift_promotes_when_every_task_improves(installation):
-    settings, _ = installation
-    states = _run(settings, WEEK[7])
+def test_run_after_drift_promotes_when_every_task_improves(drift_run):
+    states = drift_run["states"]
     assert states["gate"] == "success", states
-    decision = _decision(settings, 2)
-    comparison = json.loads(sorted((settings.data_dir / "runs").glob("*/comparison.json"),
-                                   key=lambda p: p.stat().st_mtime)[-1].read_text())  # fmt: skip
-    improved = all(e["challenger"]["auc"] > e["champion"]["auc"] for e in comparison["tasks"].values())
-    assert improved, {t: (e["challenger"]["auc"], e["champion"]["auc"]) for t, e in comparison["tasks"].items()}
-    assert decision["gate.verdict"] == "promote" and states["promote"] == "success"
-    assert _alias(settings, "champion") == 2 and _alias(settings, "previous") == 1
+    tasks = drift_run["comparison"].tasks
+    improved = all(e["challenger"]["auc"] > e["champion"]["auc"] for e in tasks.values())
+    assert improved, {t: (e["challenger"]["auc"], e["champion"]["auc"]) for t, e in tasks.items()}
+    assert drift_run["decision"]["gate.verdict"] == "promote" and states["promote"] == "success"
+    assert drift_run["after"]["champion"] == 2 and drift_run["after"]["previous"] == 1
 
 
-def test_challenger_worse_on_one_task_is_rejected_and_champion_unchanged(installation):
-    settings, _ = installation
-    # churn's loss weighted 0: its head never trains, so it cannot match the champion's churn AUC.
-    tasks = [t.model_dump() | ({"weight": 0.0} if t.name == "churn" else {}) for t in settings.tasks]
-    states = _run(settings, WEEK[8], {"settings": {"tasks": tasks}})
+def test_challenger_worse_on_one_task_is_rejected_and_champion_unchanged(rejected_run):
+    states = rejected_run["states"]
     assert states["record_rejection"] == "success" and states["promote"] == "skipped", states
-    decision = _decision(settings, 3)
+    decision = rejected_run["decision"]
     assert decision["gate.verdict"] == "reject" and "churn" in decision["gate.reason"]
-    assert _alias(settings, "champion") == 2 and _alias(settings, "challenger") == 3
+    assert rejected_run["after"]["champion"] == 2 and rejected_run["after"]["challenger"] == 3
 
 
-def test_corrupted_batch_fails_at_validate_and_nothing_is_registered(installation):
-    settings, engine = installation
-    versions = _versions(settings)
-    corrupt_interval(engine, WEEK[9] - timedelta(days=7), WEEK[9], kinds=("null_ids", "bad_event_types"))
-    states = _run(settings, WEEK[9])
+def test_corrupted_batch_fails_at_validate_and_nothing_is_registered(installation, corrupted_run):
+    settings, _ = installation
+    states = corrupted_run["states"]
     assert states["extract"] == "success" and states["validate"] == "failed", states
     assert all(states[t] == "upstream_failed" for t in ("train_challenger", "register", "gate", "promote"))
-    assert _versions(settings) == versions and _alias(settings, "champion") == 2
+    assert corrupted_run["after"]["versions"] == corrupted_run["before"]["versions"]
+    assert corrupted_run["after"]["champion"] == 2
     result = json.loads(next(settings.snapshots_dir.glob(f"*-{WEEK[9]:%Y%m%d}/validation/result.json")).read_text())
     failing = {(f["table"], f["expectation"]) for f in result["summary"]["failures"]}
     assert ("behavior_events", "expect_column_values_to_be_in_set") in failing
 
 
-def test_failure_after_registration_leaves_the_champion_unchanged(installation, monkeypatch):
-    settings, _ = installation
-    import mtl_core.pipeline as pipeline
-
-    def broken_gate(*args, **kwargs):
-        raise RuntimeError("registry went away")
-
-    monkeypatch.setattr(pipeline, "gate", broken_gate)
-    versions = _versions(settings)
-    states = _run(settings, WEEK[8])
+def test_failure_after_registration_leaves_the_champion_unchanged(failed_gate_run):
+    states = failed_gate_run["states"]
     assert states["register"] == "success" and states["gate"] == "failed", states
     assert states["promote"] == "upstream_failed"
-    assert _versions(settings) == versions + 1 and _alias(settings, "champion") == 2
+    assert failed_gate_run["after"]["versions"] == failed_gate_run["before"]["versions"] + 1
+    assert failed_gate_run["after"]["champion"] == 2
 
 
-def test_retrying_register_does_not_create_a_second_version(installation):
+def test_retrying_register_does_not_create_a_second_version(installation, failed_gate_run):
     settings, _ = installation
-    import mtl_core.pipeline as pipeline
-
-    # The last DAG run registered version N, then its gate failed; its register task runs again.
-    versions = _versions(settings)
+    # The DAG run with the broken gate registered version N; its register task runs again.
+    version = failed_gate_run["after"]["challenger"]
     client = _client(settings)
-    registered = client.get_model_version(settings.pipeline.model_name, str(versions))
+    registered = client.get_model_version(settings.pipeline.model_name, str(version))
     run_key = client.get_run(registered.run_id).data.tags["mtl.run_key"]
-    run = pipeline.run_dir(settings, run_key)
-    snapshot = next(settings.snapshots_dir.glob(f"*-{WEEK[8]:%Y%m%d}"))
-    again = pipeline.register(settings, run_key, str(snapshot), str(run / "challenger"), str(run / "comparison.json"),
-                              None, {"start": f"{WEEK[7]}", "end": f"{WEEK[8]}"})  # fmt: skip
-    assert again == {"version": versions, "run_id": registered.run_id}
-    assert _versions(settings) == versions
+    first = RegisteredModel.load(pipeline.run_dir(settings, run_key) / "registered.json")
+    again = pipeline.register(settings, run_key, Comparison.load(first.comparison))
+    assert (again.version, again.run_id) == (version, registered.run_id)
+    assert _versions(settings) == failed_gate_run["after"]["versions"]
 
 
-def test_rollback_restores_the_previous_champion_and_status_shows_it(installation):
+def test_rollback_restores_the_previous_champion_and_status_shows_it(installation, drift_run):
     settings, _ = installation
+    champion, previous = _alias(settings, "champion"), _alias(settings, "previous")
     runner = CliRunner()
     out = runner.invoke(app, ["rollback", "--by", "on-call", "--why", "test", "--json"])
     assert out.exit_code == 0, out.output
-    assert _alias(settings, "champion") == 1 and _alias(settings, "previous") == 2
+    assert _alias(settings, "champion") == previous and _alias(settings, "previous") == champion
     out = runner.invoke(app, ["status", "--json"])
     state = json.loads(out.output)
-    assert state["champion"]["version"] == 1 and set(state["champion"]["metrics"]) >= set(TASKS)
+    assert state["champion"]["version"] == previous == 1 and set(state["champion"]["metrics"]) >= set(TASKS)

@@ -7,7 +7,7 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import func, inspect, select
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 
 
 def test_schema_is_created_idempotently_and_keeps_rows(any_url):

@@ -6,12 +6,12 @@ from datetime import date
 
 import pytest
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 from mtl_core.config import load_settings
-from mtl_core.evaluate import evaluate_model
-from mtl_core.ingest import extract_snapshot
-from mtl_core.simulate import ShopSpec, write_shop
-from mtl_core.train import train
+from mtl_core.judge.evaluate import evaluate_model
+from mtl_core.data.extract import extract_snapshot
+from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.learn.training import train_on_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     write_shop(engine, ShopSpec(users=8000, items=1200, days=42, start=date(2026, 1, 5), seed=21))
     extract_snapshot(engine, "2026-01-05", "2026-02-16", root / "snap")
     settings = load_settings(environ={"MTL_DATA_DIR": str(root)})
-    train(root / "snap", root / "model", settings, progress=False)
+    train_on_snapshot(root / "snap", root / "model", settings, progress=False)
     return evaluate_model(root / "model", root / "snap", truth_engine=engine)
 
 

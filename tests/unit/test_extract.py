@@ -10,10 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mtl_core import ingest
-from mtl_core import warehouse as wh
-from mtl_core.ingest import ExtractionError, describe_snapshot, extract_snapshot, read_manifest
-from mtl_core.simulate import ShopSpec, write_shop
+from mtl_core.data import extract as ingest
+from mtl_core.data import warehouse as wh
+from mtl_core.data.extract import ExtractionError, describe_snapshot, extract_snapshot, read_manifest
+from mtl_core.data.shop import ShopSpec, write_shop
 
 T0, T1 = datetime(2026, 1, 10), datetime(2026, 1, 17)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 from mtl_core.config import FeatureSettings, TaskSpec, load_settings
-from mtl_core.features import NUMERIC, FeatureError, FeatureSpace, Vocab, build_examples, split_summary
-from mtl_core.ingest import extract_snapshot
-from mtl_core.simulate import ShopSpec, write_shop
+from mtl_core.learn.examples import NUMERIC, FeatureError, FeatureSpace, Vocab, build_examples, split_summary
+from mtl_core.data.extract import extract_snapshot
+from mtl_core.data.shop import ShopSpec, write_shop
 
 TASKS = load_settings(environ={}).tasks
 FEATURES = FeatureSettings(history_days=3, valid_days=3, holdout_days=4, churn_cutoff_step_days=2)
@@ -109,3 +109,24 @@ def test_task_list_is_configuration(shop):
         build_examples(shop / "full", FEATURES, [TaskSpec(name="x", sample_space="feed", label="bought")])
     with pytest.raises(FeatureError, match="too short"):
         build_examples(shop / "full", FeatureSettings(history_days=30, holdout_days=7), TASKS)
+
+
+def test_the_saved_example_set_loads_back_equal(examples, tmp_path):
+    """The DAG builds examples once and every later step reads them back: they must be the very same."""
+    from mtl_core.learn.examples import examples_frame, load_examples, save_examples
+
+    save_examples(examples, tmp_path / "examples")
+    loaded = load_examples(tmp_path / "examples")
+    assert loaded.task_names == examples.task_names and loaded.texts == examples.texts
+    assert loaded.interval == examples.interval
+    for name in ("numeric", "text_index", "labels", "split", "time", "event_id", "click_event_id", "new_user",
+                 "cold_item"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(examples, name), err_msg=name)
+        assert getattr(loaded, name).dtype == getattr(examples, name).dtype, name
+    for name, values in examples.raw.items():
+        assert pd.Series(loaded.raw[name]).equals(pd.Series(values)), name
+    rows = np.flatnonzero(examples.split == "train")
+    assert FeatureSpace.fit(loaded, rows).to_json() == FeatureSpace.fit(examples, rows).to_json()
+    pd.testing.assert_frame_equal(examples_frame(loaded, rows[:50]), examples_frame(examples, rows[:50]))
+    with pytest.raises(FeatureError, match="holds no example set"):
+        load_examples(tmp_path)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_core.simulate import SECONDS_PER_DAY, ShopSpec, generate
+from mtl_core.data.shop import SECONDS_PER_DAY, ShopSpec, generate
 
 spec = importlib.util.spec_from_file_location("gap_anatomy", Path(__file__).parents[2] / "bench" / "gap_anatomy.py")
 gap_anatomy = importlib.util.module_from_spec(spec)

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from mtl_core.config import DEFAULT_TASKS, TaskSpec
-from mtl_core.gate import GateError, GateSettings, decide, record_decision
+from mtl_core.judge.gate import GateError, GateSettings, decide
+from mtl_core.registry.decisions import record_decision
 
 TASKS = list(DEFAULT_TASKS)  # ctr, cvr, ad_ctr, churn; floor 0.6 each
 
@@ -133,7 +134,7 @@ def test_configured_tasks_decide_which_must_pass():
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory):
     """A migrated empty MLflow database, copied per test (migrating a new one takes seconds)."""
-    from mtl_core.registry import configure
+    from mtl_core.registry.store import configure
 
     path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
     configure(f"sqlite:///{path}")
@@ -142,14 +143,14 @@ def empty_store(tmp_path_factory):
 
 @pytest.fixture
 def client(empty_store, tmp_path):
-    from mtl_core.registry import configure
+    from mtl_core.registry.store import configure
 
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def _version(client, tmp_path, name="mtl_recommender") -> tuple[str, str]:
-    from mtl_core.registry import run_for_key
+    from mtl_core.registry.runs import run_for_key
 
     run_id = run_for_key(client, "mtl", "scheduled__2026-02-09")
     client.create_registered_model(name)

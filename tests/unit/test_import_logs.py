@@ -14,10 +14,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 from mtl_core.cli import app, main
 from mtl_core.errors import MtlError
-from mtl_core.import_logs import (
+from mtl_core.data.import_logs import (
     IMPORTED_ID_MIN,
     ImportReport,
     content_hashes,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl_core.losses import (
+from mtl_core.learn.losses import (
     WEIGHTING_KINDS,
     FixedWeighting,
     GradNormWeighting,

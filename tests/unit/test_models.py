@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mtl_core.config import ModelSettings
-from mtl_core.features import CATEGORICAL, NUMERIC
-from mtl_core.models import build_model
-from mtl_core.models.inputs import USERS_SPACE_INDEX
+from mtl_core.learn.examples import CATEGORICAL, NUMERIC
+from mtl_core.learn.models import build_model
+from mtl_core.learn.models.inputs import USERS_SPACE_INDEX
 
 SIZES = {name: 50 for name in CATEGORICAL} | {"space": 4}
 TASKS = ["ctr", "cvr", "ad_ctr", "churn"]

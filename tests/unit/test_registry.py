@@ -16,14 +16,16 @@ import pytest
 from conftest import tiny_training_env
 
 from mtl_core import registry as reg
-from mtl_core import warehouse as wh
+from mtl_core.registry.pyfunc import log_pyfunc
+from mtl_core.data import warehouse as wh
 from mtl_core.config import load_settings
-from mtl_core.evaluate import compare_models, evaluate_model
-from mtl_core.features import build_examples, examples_frame
-from mtl_core.gate import run_gate
-from mtl_core.ingest import extract_snapshot, read_manifest
-from mtl_core.simulate import ShopSpec, write_shop
-from mtl_core.train import load_model, train
+from mtl_core.judge.evaluate import compare_models, evaluate_model, holdout_predictions
+from mtl_core.learn.examples import build_examples, examples_frame
+from mtl_core.judge.gate import decide
+from mtl_core.data.extract import extract_snapshot, read_manifest
+from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.learn.checkpoint import load_model
+from mtl_core.learn.training import train_on_snapshot
 
 NAME = reg.MODEL_NAME
 
@@ -36,9 +38,9 @@ def trained(tmp_path_factory, tiny_bert_path):
     write_shop(engine, ShopSpec(users=600, items=150, days=35, start=date(2026, 1, 5), seed=5))
     extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap")
     settings = load_settings(environ=tiny_training_env(root / "data", tiny_bert_path))
-    first = train(root / "snap", root / "model_a", settings, progress=False)
+    first = train_on_snapshot(root / "snap", root / "model_a", settings, progress=False)
     other = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": 1})})
-    train(root / "snap", root / "model_b", other, progress=False)
+    train_on_snapshot(root / "snap", root / "model_b", other, progress=False)
     loaded = load_model(root / "model_a")
     examples = build_examples(root / "snap", loaded.settings.features, loaded.settings.tasks)
     # Rows of every sample space, so the example holds the gaps real requests have (no item, no ad).
@@ -61,6 +63,15 @@ def empty_store(tmp_path_factory):
 def client(empty_store, tmp_path):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return reg.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def gate(client, version, comparison, tasks):
+    """What the DAG's gate and promote steps do: decide, record the decision, move the alias on a pass."""
+    decision = decide(comparison, tasks)
+    reg.record_decision(client, NAME, version, decision, comparison)
+    if decision.promote:
+        reg.promote(client, NAME, version, actor="gate", why=decision.reason)
+    return decision
 
 
 def register(client, trained, key: str, model: str = "a") -> tuple[str, int]:
@@ -87,7 +98,7 @@ def test_log_training_records_config_metrics_curves_lineage_and_plots(client, tr
     run_id = reg.run_for_key(client, "mtl", "k")
     settings = trained["settings"].model_copy(update={"warehouse_url": "postgresql+psycopg://etl:s3cret@db/shop"})
     evaluated = evaluate_model(trained["a"], trained["snap"])
-    labels, probs = reg.holdout_predictions(trained["a"], trained["snap"])
+    labels, probs = holdout_predictions(trained["a"], trained["snap"])
     kwargs = dict(
         champion_metrics=evaluate_model(trained["b"], trained["snap"]),
         single_task_metrics={"cvr": {"auc": 0.61, "logloss": 0.4, "ece": 0.02}},
@@ -141,7 +152,7 @@ def test_register_once_per_run_and_the_pyfunc_scores_like_the_model(client, trai
     # An attempt that logged the model and died before registering: the retry registers that model.
     other_run = reg.run_for_key(client, "mtl", "k2")
     prediction = load_model(trained["a"]).predict_frame(trained["frame"])
-    orphan = reg._log_pyfunc(client, other_run, trained["a"], trained["frame"], prediction)
+    orphan = log_pyfunc(client, other_run, trained["a"], trained["frame"], prediction)
     assert reg.log_and_register_model(client, other_run, trained["a"], NAME, trained["frame"]) == 2
     # The SQLite registry keeps no model_id column (ModelVersion.model_id reads None); the source links it.
     assert client.get_model_version(NAME, "2").source == f"models:/{orphan.model_id}"
@@ -236,7 +247,7 @@ def test_gate_status_and_champion_download(client, trained, tmp_path):
     assert reg.champion_model_dir(client, NAME, tmp_path / "none") is None  # nothing registered yet
     _, v1 = register(client, trained, "day1", "a")
     assert reg.champion_model_dir(client, NAME, tmp_path / "none") is None  # registered, not promoted
-    first = run_gate(client, NAME, v1, {"tasks": {t: {"auc": 0.9} for t in ("ctr", "cvr", "ad_ctr", "churn")}},
+    first = gate(client, v1, {"tasks": {t: {"auc": 0.9} for t in ("ctr", "cvr", "ad_ctr", "churn")}},
                      trained["settings"].tasks)  # fmt: skip
     assert first.promote and reg.current_alias(client, NAME, reg.CHAMPION) == 1
 
@@ -247,7 +258,7 @@ def test_gate_status_and_champion_download(client, trained, tmp_path):
     )
     _, v2 = register(client, trained, "day2", "b")
     comparison = compare_models(trained["b"], champion_dir, trained["snap"], n_boot=20)
-    decision = run_gate(client, NAME, v2, comparison, trained["settings"].tasks)
+    decision = gate(client, v2, comparison, trained["settings"].tasks)
     assert reg.current_alias(client, NAME, reg.CHAMPION) == (2 if decision.promote else 1)
 
     state = reg.status(client, NAME)

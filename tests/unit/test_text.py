@@ -13,7 +13,7 @@ from conftest import WORDS, make_tiny_bert
 
 from mtl_core.config import TextSettings
 from mtl_core.errors import MtlError
-from mtl_core.text import EmbeddingCache, TextEncoder, default_model_path, encoder_from_settings, split_words
+from mtl_core.learn.text import EmbeddingCache, TextEncoder, default_model_path, encoder_from_settings, split_words
 
 N_LAYERS = 4
 
@@ -254,11 +254,11 @@ def test_split_words():
 
 def test_word_matrix_holds_each_words_own_vector_padded_and_encodes_each_word_once(tiny_path, tmp_path, caplog):
     from mtl_core.config import Settings
-    from mtl_core.train import text_matrix
+    from mtl_core.learn.text import text_matrix
 
     settings = Settings(text=TextSettings(model_path=str(tiny_path), pooling="words", max_words=4))
     texts = ["premium leather shoes", "board game for kids and black lamp", "!!", "Shoes, premium"]
-    with caplog.at_level(logging.WARNING, logger="mtl_core.train"):
+    with caplog.at_level(logging.WARNING, logger="mtl_core.learn.text"):
         matrix = text_matrix(texts, settings, tmp_path, progress=False)
     assert "1 of 4 texts have more than text.max_words = 4 words (the longest 7)" in caplog.text
     assert matrix.shape == (5, 4, 32)

@@ -11,13 +11,15 @@ import torch
 from conftest import tiny_training_env
 from typer.testing import CliRunner
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 from mtl_core.cli import app
 from mtl_core.config import load_settings
-from mtl_core.features import build_examples
-from mtl_core.ingest import extract_snapshot
-from mtl_core.simulate import ShopSpec, write_shop
-from mtl_core.train import TrainingError, _warm_start, load_model, train
+from mtl_core.learn.examples import build_examples
+from mtl_core.data.extract import extract_snapshot
+from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.learn import TrainingError
+from mtl_core.learn.checkpoint import load_model
+from mtl_core.learn.training import _warm_start, train_on_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def settings(shop, tiny_bert_path, tmp_path):
 
 
 def test_training_writes_a_model_that_scores_unseen_ids(shop, settings, tmp_path):
-    result = train(shop / "snap", tmp_path / "model", settings, progress=False)
+    result = train_on_snapshot(shop / "snap", tmp_path / "model", settings, progress=False)
     assert set(result.metrics) == {"ctr", "cvr", "ad_ctr", "churn"}
     assert all(0 <= m["auc"] <= 1 and m["logloss"] > 0 for m in result.metrics.values())
     assert result.steps == 24 and not (tmp_path / "model" / "checkpoint.pt").exists()
@@ -54,17 +56,17 @@ def test_training_writes_a_model_that_scores_unseen_ids(shop, settings, tmp_path
 
 
 def test_same_seed_same_model(shop, settings, tmp_path):
-    a = train(shop / "snap", tmp_path / "a", settings, progress=False)
-    b = train(shop / "snap", tmp_path / "b", settings, progress=False)
+    a = train_on_snapshot(shop / "snap", tmp_path / "a", settings, progress=False)
+    b = train_on_snapshot(shop / "snap", tmp_path / "b", settings, progress=False)
     assert a.metrics == b.metrics
     wa, wb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
 
 
 def test_resume_after_interruption_gives_the_same_model(shop, settings, tmp_path, monkeypatch):
-    straight = train(shop / "snap", tmp_path / "straight", settings, progress=False)
+    straight = train_on_snapshot(shop / "snap", tmp_path / "straight", settings, progress=False)
 
-    import mtl_core.train as training
+    import mtl_core.learn.training as training
 
     real_draw = training.TaskSampler.draw
     calls = {"n": 0}
@@ -77,10 +79,10 @@ def test_resume_after_interruption_gives_the_same_model(shop, settings, tmp_path
 
     monkeypatch.setattr(training.TaskSampler, "draw", dying_draw)
     with pytest.raises(KeyboardInterrupt):
-        train(shop / "snap", tmp_path / "resumed", settings, progress=False)
+        train_on_snapshot(shop / "snap", tmp_path / "resumed", settings, progress=False)
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     monkeypatch.setattr(training.TaskSampler, "draw", real_draw)
-    resumed = train(shop / "snap", tmp_path / "resumed", settings, resume=True, progress=False)
+    resumed = train_on_snapshot(shop / "snap", tmp_path / "resumed", settings, resume=True, progress=False)
     assert resumed.steps == straight.steps and resumed.metrics == straight.metrics
     wa, wb = (torch.load(tmp_path / name / "model.pt")["state_dict"] for name in ("straight", "resumed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -88,9 +90,9 @@ def test_resume_after_interruption_gives_the_same_model(shop, settings, tmp_path
 
 def test_warm_start_keeps_old_weights_and_grows_vocabularies(shop, settings, tmp_path):
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"id_features": ["item"]})})
-    train(shop / "mid", tmp_path / "old", settings, progress=False)
+    train_on_snapshot(shop / "mid", tmp_path / "old", settings, progress=False)
     old = load_model(tmp_path / "old")
-    new = train(shop / "snap", tmp_path / "new", settings, warm_start=tmp_path / "old", progress=False)
+    new = train_on_snapshot(shop / "snap", tmp_path / "new", settings, warm_start=tmp_path / "old", progress=False)
     grown = load_model(tmp_path / "new")
     assert len(grown.space.vocabs["item"]) > len(old.space.vocabs["item"])
     assert grown.space.vocabs["item"].values[: len(old.space.vocabs["item"].values)] == old.space.vocabs["item"].values
@@ -107,10 +109,10 @@ def test_warm_start_keeps_old_weights_and_grows_vocabularies(shop, settings, tmp
 
 def test_warm_start_keeps_text_statistics_unless_the_text_form_changes(shop, settings, tmp_path):
     sentence = settings.model_copy(update={"text": settings.text.model_copy(update={"pooling": "sentence"})})
-    train(shop / "mid", tmp_path / "sentence", sentence, progress=False)
-    train(shop / "mid", tmp_path / "words", settings, warm_start=tmp_path / "sentence", progress=False)
-    train(shop / "snap", tmp_path / "words_later", settings, warm_start=tmp_path / "words", progress=False)
-    train(shop / "snap", tmp_path / "words_fresh", settings, progress=False)
+    train_on_snapshot(shop / "mid", tmp_path / "sentence", sentence, progress=False)
+    train_on_snapshot(shop / "mid", tmp_path / "words", settings, warm_start=tmp_path / "sentence", progress=False)
+    train_on_snapshot(shop / "snap", tmp_path / "words_later", settings, warm_start=tmp_path / "words", progress=False)
+    train_on_snapshot(shop / "snap", tmp_path / "words_fresh", settings, progress=False)
     mean = {name: load_model(tmp_path / name).model.inputs.text_mean
             for name in ("sentence", "words", "words_later", "words_fresh")}  # fmt: skip
     assert not torch.allclose(mean["words"], mean["sentence"])  # word vectors got their own statistics
@@ -123,7 +125,7 @@ def test_a_model_saved_before_word_vectors_and_transfer_existed_still_loads(shop
         "text": settings.text.model_copy(update={"pooling": "sentence"}),
         "model": settings.model.model_copy(update={"transfer": []}),
     })  # fmt: skip
-    train(shop / "mid", tmp_path / "old", old_style, progress=False)
+    train_on_snapshot(shop / "mid", tmp_path / "old", old_style, progress=False)
     examples = build_examples(shop / "snap", settings.features, settings.tasks)
     rows = np.arange(200)
     expected = load_model(tmp_path / "old").predict(examples, rows)
@@ -135,10 +137,10 @@ def test_a_model_saved_before_word_vectors_and_transfer_existed_still_loads(shop
 
 
 def test_transfer_blend_is_fit_on_validation_and_never_raises_its_log_loss(shop, settings, tmp_path):
-    from mtl_core.metrics import log_loss
-    from mtl_core.models.multitask import IDENTITY_BLEND
+    from mtl_core.judge.metrics import log_loss
+    from mtl_core.learn.models.multitask import IDENTITY_BLEND
 
-    result = train(shop / "snap", tmp_path / "model", settings, progress=False)
+    result = train_on_snapshot(shop / "snap", tmp_path / "model", settings, progress=False)
     loaded = load_model(tmp_path / "model")
     blend = loaded.model.transfer_blend.clone()
     assert loaded.model.transfer_pairs and not torch.equal(blend, IDENTITY_BLEND.expand_as(blend))
@@ -155,33 +157,33 @@ def test_transfer_blend_is_fit_on_validation_and_never_raises_its_log_loss(shop,
 
 
 def test_single_task_baseline(shop, settings, tmp_path):
-    result = train(shop / "snap", tmp_path / "cvr_only", settings, single_task="cvr", progress=False)
+    result = train_on_snapshot(shop / "snap", tmp_path / "cvr_only", settings, single_task="cvr", progress=False)
     assert list(result.metrics) == ["cvr"]
     assert load_model(tmp_path / "cvr_only").model.esmm_pair is None
     with pytest.raises(TrainingError, match="--single-task 'nope' is not a configured task"):
-        train(shop / "snap", tmp_path / "x", settings, single_task="nope", progress=False)
+        train_on_snapshot(shop / "snap", tmp_path / "x", settings, single_task="nope", progress=False)
 
 
 @pytest.mark.parametrize("weighting", ["inverse_volume", "uncertainty", "gradnorm", "pcgrad"])
 def test_every_weighting_strategy_trains(shop, settings, tmp_path, weighting):
     settings = settings.model_copy(update={"train": settings.train.model_copy(
         update={"weighting": weighting, "epochs": 1, "residual_pairs": [("ctr", "cvr", 0.1)]})})  # fmt: skip
-    result = train(shop / "snap", tmp_path / weighting, settings, progress=False)
+    result = train_on_snapshot(shop / "snap", tmp_path / weighting, settings, progress=False)
     assert all(np.isfinite(m["logloss"]) for m in result.metrics.values())
 
 
 @pytest.mark.parametrize("architecture", ["shared_bottom", "ple"])
 def test_other_architectures_train(shop, settings, tmp_path, architecture):
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"architecture": architecture})})
-    assert train(shop / "snap", tmp_path / architecture, settings, progress=False).metrics
+    assert train_on_snapshot(shop / "snap", tmp_path / architecture, settings, progress=False).metrics
 
 
 def test_top_k_fine_tuning_trains_only_the_top_layers(shop, settings, tmp_path, tiny_bert_path):
-    from mtl_core.text import TextEncoder
+    from mtl_core.learn.text import TextEncoder
 
     settings = settings.model_copy(update={"text": settings.text.model_copy(update={"finetune": "top_k", "top_k": 1}),
                                            "train": settings.train.model_copy(update={"epochs": 1})})  # fmt: skip
-    train(shop / "snap", tmp_path / "ft", settings, progress=False)
+    train_on_snapshot(shop / "snap", tmp_path / "ft", settings, progress=False)
     tuned = load_model(tmp_path / "ft").model.text_encoder.state_dict()
     original = TextEncoder(tiny_bert_path).state_dict()
     changed = {name for name in original if not torch.equal(original[name], tuned[name])}
@@ -190,7 +192,7 @@ def test_top_k_fine_tuning_trains_only_the_top_layers(shop, settings, tmp_path, 
 
 def test_too_short_a_snapshot_is_a_clear_error(shop, settings, tmp_path):
     with pytest.raises(Exception, match="too short|no training or validation examples"):
-        train(shop / "short", tmp_path / "m", settings, progress=False)
+        train_on_snapshot(shop / "short", tmp_path / "m", settings, progress=False)
 
 
 def test_cli_train_and_evaluate_print_per_task_json(shop, settings, tmp_path, monkeypatch, tiny_bert_path):

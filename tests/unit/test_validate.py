@@ -20,10 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mtl_core import ingest, simulate, validate
-from mtl_core import warehouse as wh
+from mtl_core.data import extract as ingest
+from mtl_core.data import shop as simulate
+from mtl_core import quality as validate
+from mtl_core.data import warehouse as wh
 from mtl_core.errors import MtlError
-from mtl_core.import_logs import import_logs
+from mtl_core.data.import_logs import import_logs
 
 SPEC = simulate.ShopSpec(users=300, items=120, days=14)
 WEEK1 = ("2026-01-05", "2026-01-12")

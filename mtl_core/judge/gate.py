@@ -6,29 +6,25 @@ deliberately not allowed: a model that gains on the feed's CTR while losing on c
 hurt one team to please another. Without a champion (the first model, or a task the champion lacks) the
 task must instead reach its absolute floor from the configuration.
 
-Every decision, pass or fail, is written onto the model version (tags, description, and a JSON
-comparison artifact on the version's run), so that "why was this model (not) promoted?" is answered by
-the registry itself instead of a log line that has since rotated away.
+This module decides and nothing else: pure functions of the comparison and the settings, no MLflow.
+``registry.decisions`` writes every decision, pass or fail, onto the model version, so that "why was this
+model (not) promoted?" is answered by the registry itself instead of a log line that has since rotated away.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mtl_core.config import GateSettings, TaskSpec
 from mtl_core.errors import MtlError
+from mtl_core.jsonable import to_jsonable
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    pass
 
-COMPARISON_ARTIFACT = "gate/comparison.json"
-TAG_PREFIX = "gate."
 
 
 class GateError(MtlError):
@@ -51,7 +47,7 @@ class Decision:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe (NaN becomes None, since JSON has no NaN and MLflow's UI would show the raw text)."""
-        return _json_safe(asdict(self))
+        return to_jsonable(asdict(self))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,18 +61,6 @@ def _num(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(number) else number
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _json_safe(value.item())
-    return value
 
 
 def _entry(comparison: dict[str, Any], task: str) -> tuple[dict | None, dict | None, dict | None]:
@@ -93,7 +77,7 @@ def _entry(comparison: dict[str, Any], task: str) -> tuple[dict | None, dict | N
     return entry.get("challenger"), entry.get("champion"), entry.get("auc_delta")
 
 
-def _fmt(x: float | None, signed: bool = False) -> str:
+def fmt_metric(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "n/a"
     return f"{x:+.4f}" if signed else f"{x:.4f}"
@@ -120,7 +104,7 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
         # Without a champion only the absolute floor protects the product: a first model must be useful.
         row["passed"] = ours >= floor
         verb = "reaches" if row["passed"] else "is below"
-        row["why"] = f"{task.name}: AUC {_fmt(ours)} {verb} its floor {_fmt(floor)} (no champion to compare)"
+        row["why"] = f"{task.name}: AUC {fmt_metric(ours)} {verb} its floor {fmt_metric(floor)} (no champion to compare)"
         return row
 
     theirs = _num(champion.get("auc"))
@@ -135,14 +119,14 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
     failures: list[str] = []
     # Strict: an equal AUC is no reason to swap models (every swap carries risk of its own).
     if not row["delta"] > settings.min_delta:
-        need = f"must exceed {_fmt(settings.min_delta, signed=True)}" if settings.min_delta else "must be above 0"
-        failures.append(f"AUC {_fmt(ours)} vs champion {_fmt(theirs)} (delta {_fmt(row['delta'], True)}, {need})")
+        need = f"must exceed {fmt_metric(settings.min_delta, signed=True)}" if settings.min_delta else "must be above 0"
+        failures.append(f"AUC {fmt_metric(ours)} vs champion {fmt_metric(theirs)} (delta {fmt_metric(row['delta'], True)}, {need})")
     if settings.require_significance:
         if row["low"] is None:
             failures.append("no bootstrap interval of the AUC difference to test significance")
         elif not row["low"] > 0:
             failures.append(
-                f"AUC gain not significant: 95% interval [{_fmt(row['low'], True)}, {_fmt(row['high'], True)}] "
+                f"AUC gain not significant: 95% interval [{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}] "
                 "reaches 0"
             )
     for metric, limit in (("logloss", settings.max_logloss_increase), ("ece", settings.max_ece_increase)):
@@ -154,16 +138,16 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
             continue
         row[f"{metric}_increase"] = a - b
         if a - b > limit:
-            failures.append(f"{metric} worse by {a - b:.4f} ({_fmt(b)} -> {_fmt(a)}), more than the {limit:g} allowed")
+            failures.append(f"{metric} worse by {a - b:.4f} ({fmt_metric(b)} -> {fmt_metric(a)}), more than the {limit:g} allowed")
     row["passed"] = not failures
     if failures:
         row["why"] = f"{task.name}: " + "; ".join(failures)
     else:
         extra = (
-            f", 95% interval [{_fmt(row['low'], True)}, {_fmt(row['high'], True)}]" if row["low"] is not None else ""
+            f", 95% interval [{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}]" if row["low"] is not None else ""
         )
         row["why"] = (
-            f"{task.name}: AUC {_fmt(ours)} vs champion {_fmt(theirs)} (delta {_fmt(row['delta'], True)}{extra})"
+            f"{task.name}: AUC {fmt_metric(ours)} vs champion {fmt_metric(theirs)} (delta {fmt_metric(row['delta'], True)}{extra})"
         )
     return row
 
@@ -201,109 +185,3 @@ def decide(comparison: dict[str, Any], tasks: list[TaskSpec], settings: GateSett
         reason = f"promoted: {lead}: " + "; ".join(r["why"] for r in per_task.values())
         verdict = "promote"
     return Decision(verdict=verdict, reason=reason, per_task=per_task, rule=rule)
-
-
-# --------------------------------------------------------------------------------------------------
-# The record on the model version.
-def describe(decision: Decision, version: int | str, champion_version: int | str | None) -> str:
-    """A readable summary for the version's description in the MLflow UI (Markdown)."""
-    against = f"champion v{champion_version}" if champion_version is not None else "the absolute floors (no champion)"
-    lines = [
-        f"**Gate: {decision.verdict.upper()}** ({decision.decided_at}) - v{version} against {against}.",
-        "",
-        decision.reason,
-        "",
-        "| task | challenger AUC | champion AUC | delta | 95% interval | floor | passed |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, row in decision.per_task.items():
-        interval = f"[{_fmt(row['low'], True)}, {_fmt(row['high'], True)}]" if row["low"] is not None else "n/a"
-        lines.append(
-            f"| {name} | {_fmt(row['challenger_auc'])} | {_fmt(row['champion_auc'])} | {_fmt(row['delta'], True)} "
-            f"| {interval} | {_fmt(row['floor'])} | {'yes' if row['passed'] else 'NO'} |"
-        )
-    return "\n".join(lines)
-
-
-def record_decision(
-    client: MlflowClient,
-    model_name: str,
-    version: int | str,
-    decision: Decision,
-    comparison: dict[str, Any],
-    champion_version: int | str | None = None,
-) -> dict[str, Any]:
-    """Write the decision onto the model version: tags, description, and ``gate/comparison.json`` on its run.
-
-    ``champion_version`` defaults to the version holding the ``champion`` alias now, so record before
-    promoting (the DAG does: decide, record, then promote).
-    Returns the JSON document that was written.
-    """
-    from mtl_core.registry import current_alias, mlflow_errors
-
-    with mlflow_errors(f"recording the gate decision on {model_name} v{version}"):
-        mv = client.get_model_version(model_name, str(version))
-        if champion_version is None:
-            champion_version = current_alias(client, model_name, "champion")
-            if champion_version is not None and str(champion_version) == str(version):
-                champion_version = current_alias(client, model_name, "previous")
-        document = _json_safe(
-            {
-                "model": model_name,
-                "candidate": {"version": int(mv.version), "run_id": mv.run_id},
-                "champion": {"version": int(champion_version) if champion_version is not None else None},
-                "verdict": decision.verdict,
-                "why": decision.reason,
-                "decided_at": decision.decided_at,
-                "rule": decision.rule,
-                "per_task": decision.per_task,
-                "comparison": comparison,
-            }
-        )
-        tags = {
-            "gate.verdict": decision.verdict,
-            "gate.reason": decision.reason,
-            "gate.decided_at": decision.decided_at,
-            "gate.rule": decision.rule["name"],
-            "gate.min_delta": str(decision.rule.get("min_delta")),
-            "gate.champion_version": str(champion_version) if champion_version is not None else "none",
-        }
-        for name, row in decision.per_task.items():
-            tags[f"gate.{name}.passed"] = str(row["passed"]).lower()
-            for key in ("auc_delta", "challenger_auc", "champion_auc"):
-                value = row["delta"] if key == "auc_delta" else row[key]
-                tags[f"gate.{name}.{key}"] = "none" if value is None else f"{value:.6f}"
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, str(version), key, value)
-        client.update_model_version(model_name, str(version), description=describe(decision, version, champion_version))
-        if mv.run_id:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / Path(COMPARISON_ARTIFACT).name
-                path.write_text(json.dumps(document, indent=2, sort_keys=False))
-                client.log_artifact(mv.run_id, str(path), str(Path(COMPARISON_ARTIFACT).parent))
-            client.set_tag(mv.run_id, "gate.verdict", decision.verdict)
-    return document
-
-
-def run_gate(
-    client: MlflowClient,
-    model_name: str,
-    version: int | str,
-    comparison: dict[str, Any],
-    tasks: list[TaskSpec],
-    settings: GateSettings | None = None,
-    actor: str = "gate",
-) -> Decision:
-    """Decide, record, and promote on a pass: the whole gate step of the DAG in one call.
-
-    The record is written before the alias moves, so a crash in between leaves a recorded "promote" with
-    the old champion still serving (safe), never a new champion without its reason.
-    """
-    from mtl_core.registry import promote
-
-    decision = decide(comparison, tasks, settings)
-    # The champion compared against is resolved by record_decision (on a retry after promotion: "previous").
-    record_decision(client, model_name, version, decision, comparison)
-    if decision.promote:
-        promote(client, model_name, version, actor=actor, why=decision.reason)
-    return decision

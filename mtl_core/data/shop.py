@@ -32,8 +32,8 @@ import pandas as pd
 from sqlalchemy import delete, inspect, select
 from sqlalchemy.engine import Engine
 
-from mtl_core import warehouse as wh
-from mtl_core.metrics import roc_auc
+from mtl_core.data import warehouse as wh
+from mtl_core.judge.metrics import roc_auc
 
 SECONDS_PER_DAY = 86_400
 CHURN_HORIZON_DAYS = 14
@@ -667,7 +667,7 @@ def true_probabilities(
 
 
 # ---- deliberate corruption: validation tests and the demo -------------------------------------------------
-# kind -> what it does to the rows of [start, end) and which check of mtl_core.validate catches it. Each is a
+# kind -> what it does to the rows of [start, end) and which check of mtl_core.quality.suites catches it. Each is a
 # failure seen in real pipelines, done the way it would really reach the warehouse.
 CORRUPTION_KINDS: dict[str, str] = {
     "null_ids": "a migration dropped NOT NULL on behavior_events.user_id and a producer then wrote NULL user ids "
@@ -711,7 +711,7 @@ def corrupt_interval(
     """
     from sqlalchemy import func
 
-    from mtl_core.ingest import parse_instant
+    from mtl_core.data.extract import parse_instant
 
     unknown = [kind for kind in kinds if kind not in CORRUPTION_KINDS]
     if unknown:

@@ -2,7 +2,7 @@
 
 The loop, in one sitting:
 
-1. Build the examples of the snapshot and fit (or, for a warm start, extend) the feature space on the
+1. Take the examples (built once per run from the snapshot) and fit (or, for a warm start, extend) the feature space on the
    training split. Text embeddings come from the on-disk cache (each distinct text encoded once).
 2. Every step draws one batch from all tasks' training rows (proportional or temperature sampling, so a
    small task is not drowned by the feed), computes each task's loss on the rows drawn for it, adds the
@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,191 +26,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from mtl_core.config import Settings, TaskSpec
-from mtl_core.errors import MtlError
-from mtl_core.features import Examples, FeatureSpace, build_examples, frame_examples, split_summary
-from mtl_core.losses import make_weighting, masked_bce, residual_term, resolve_pairs
-from mtl_core.metrics import fit_logistic, task_metrics
-from mtl_core.models import MultiTaskModel, build_model
+from mtl_core.judge.metrics import fit_logistic, task_metrics
+from mtl_core.learn import TrainingError
+from mtl_core.learn.batches import Batch, TaskSampler, TensorData, predict
+from mtl_core.learn.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
+from mtl_core.learn.examples import Examples, FeatureSpace, build_examples, split_summary
+from mtl_core.learn.losses import make_weighting, masked_bce, residual_term, resolve_pairs
+from mtl_core.learn.models import MultiTaskModel, build_model
+from mtl_core.learn.text import finetuned_encoder, text_matrix, uses_word_vectors
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from mtl_core.text import EmbeddingCache
-
-MODEL_FILE = "model.pt"
-FEATURES_FILE = "features.json"
-SETTINGS_FILE = "settings.json"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class TrainingError(MtlError):
     pass
-
-
-# --------------------------------------------------------------------------------------------------
-# Text embeddings for the examples (frozen encoder) or the encoder itself (fine-tuning).
-def text_matrix(
-    texts: list[str], settings: Settings, cache_dir: Path, progress: bool = True, encoder: torch.nn.Module | None = None
-) -> np.ndarray:
-    """Row 0 (no text) is zeros and replaced by a learned vector in the model.
-
-    ``text.pooling`` "sentence": [len(texts) + 1, dim], one vector per text. "words": [len(texts) + 1,
-    max_words, dim], one vector per word, zero rows after the last word (the model's padding mask).
-    A frozen encoder's vectors come from the on-disk cache; a fine-tuned encoder (``encoder``) embeds the
-    texts itself, since its vectors change as it trains.
-    """
-    from mtl_core.text import EmbeddingCache, encoder_from_settings
-
-    if encoder is not None:
-        vectors, dim = encoder.encode(texts, batch_size=settings.text.batch_size, progress=progress), encoder.dim
-    else:
-        frozen = encoder_from_settings(settings.text)
-        cache = EmbeddingCache(cache_dir, frozen)
-        if uses_word_vectors(settings):
-            return _word_matrix(texts, settings, cache, frozen.dim, progress)
-        vectors, dim = cache.get(texts, progress=progress, batch_size=settings.text.batch_size), frozen.dim
-    return np.vstack([np.zeros((1, dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
-
-
-def _word_matrix(
-    texts: list[str], settings: Settings, cache: EmbeddingCache, dim: int, progress: bool
-) -> np.ndarray:
-    """[len(texts) + 1, max_words, dim]: each distinct word's vector from the cache, zero rows as padding."""
-    from mtl_core.text import split_words
-
-    limit = settings.text.max_words
-    words = [split_words(text) for text in texts]
-    longer = [text_words for text_words in words if len(text_words) > limit]
-    if longer:
-        log.warning(
-            "%d of %d texts have more than text.max_words = %d words (the longest %d); the words after the %dth "
-            "are ignored", len(longer), len(texts), limit, max(map(len, longer)), limit,
-        )  # fmt: skip
-        words = [text_words[:limit] for text_words in words]
-    vocabulary = sorted({word for text_words in words for word in text_words})
-    word_vectors = np.asarray(
-        cache.get(vocabulary, progress=progress, batch_size=settings.text.batch_size), dtype=np.float32
-    ).reshape(len(vocabulary), dim)
-    index = {word: i for i, word in enumerate(vocabulary)}
-    out = np.zeros((len(texts) + 1, settings.text.max_words, dim), dtype=np.float32)
-    for row, text_words in enumerate(words, start=1):
-        if text_words:
-            out[row, : len(text_words)] = word_vectors[[index[word] for word in text_words]]
-    return out
-
-
-def uses_word_vectors(settings: Settings) -> bool:
-    """Whether texts reach the model as word vectors (a fine-tuned encoder always embeds whole texts)."""
-    return settings.text.pooling == "words" and settings.text.finetune == "frozen"
-
-
-def finetuned_encoder(settings: Settings) -> torch.nn.Module | None:
-    """The text encoder trained inside the joint loss (``top_k`` or ``full``), or None when it is frozen."""
-    if not settings.text.enabled or settings.text.finetune == "frozen":
-        return None
-    from mtl_core.text import TextEncoder
-
-    t = settings.text
-    return TextEncoder(t.model_path or None, max_length=t.max_length, finetune=t.finetune, top_k=t.top_k)
-
-
-@dataclass
-class Batch:
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor  # [B, T] with NaN where undefined
-    drawn_for: torch.Tensor  # [B] which task each row was drawn for
-    text: torch.Tensor | None  # [B, dim] text vectors, or [distinct texts, words, dim] word vectors
-    text_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # fine-tuning: ids, mask, inverse
-
-
-class TensorData:
-    """The examples as tensors, and batch assembly by row index."""
-
-    def __init__(
-        self,
-        examples: Examples,
-        space: FeatureSpace,
-        texts: np.ndarray | None,
-        tokens: dict[str, torch.Tensor] | None = None,
-    ):
-        encoded = examples.encode(space)
-        self.inputs = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in encoded.items()}
-        self.labels = torch.from_numpy(examples.labels)
-        self.texts = torch.from_numpy(texts) if texts is not None else None
-        # Fine-tuning: every distinct text tokenised once (row 0: no text); batches encode their own texts.
-        self.tokens = tokens
-
-    def batch(self, rows: np.ndarray, drawn_for: np.ndarray | None = None) -> Batch:
-        index = torch.from_numpy(rows)
-        inputs = {name: tensor[index] for name, tensor in self.inputs.items()}
-        text = None
-        if self.texts is not None and self.texts.dim() == 3:
-            # Word vectors are [words, dim] per text: gather each distinct text of the batch once and tell
-            # the model which row is which (a batch of 1024 rows holds a few hundred distinct titles).
-            unique, inputs["text_row"] = torch.unique(inputs["text"], return_inverse=True)
-            text = self.texts[unique]
-        elif self.texts is not None:
-            text = self.texts[inputs["text"]]
-        drawn = torch.from_numpy(drawn_for) if drawn_for is not None else torch.full((len(rows),), -1)
-        tokens = None
-        if self.tokens is not None:
-            unique, inverse = torch.unique(inputs["text"], return_inverse=True)
-            tokens = (self.tokens["input_ids"][unique], self.tokens["attention_mask"][unique], inverse)
-        return Batch(inputs=inputs, labels=self.labels[index], drawn_for=drawn, text=text, text_tokens=tokens)
-
-
-class TaskSampler:
-    """Draws each batch from all tasks' rows: n_t ** (1 / T) shares (T = 1 is proportional)."""
-
-    def __init__(self, task_rows: list[np.ndarray], batch_size: int, temperature: float, seed: int):
-        self.task_rows = task_rows
-        self.rng = np.random.default_rng(seed)
-        volume = np.array([len(rows) for rows in task_rows], dtype=np.float64)
-        share = np.where(volume > 0, volume ** (1.0 / temperature), 0.0)
-        self.share = share / share.sum()
-        raw = self.share * batch_size
-        counts = np.floor(raw).astype(int)
-        # Largest remainders fill the batch; every task with data gets at least one row per batch.
-        for i in np.argsort(-(raw - counts))[: batch_size - counts.sum()]:
-            counts[i] += 1
-        counts[(counts == 0) & (volume > 0)] = 1
-        self.counts = counts
-        self.order = [self.rng.permutation(rows) for rows in task_rows]
-        self.position = [0] * len(task_rows)
-
-    def draw(self) -> tuple[np.ndarray, np.ndarray]:
-        rows, drawn_for = [], []
-        for t, count in enumerate(self.counts):
-            if count == 0:
-                continue
-            taken = []
-            while count > 0:
-                order, pos = self.order[t], self.position[t]
-                chunk = order[pos : pos + count]
-                taken.append(chunk)
-                count -= len(chunk)
-                self.position[t] = pos + len(chunk)
-                if self.position[t] >= len(order):  # one pass over this task's rows done: reshuffle
-                    self.order[t] = self.rng.permutation(self.task_rows[t])
-                    self.position[t] = 0
-            chunk = np.concatenate(taken)
-            rows.append(chunk)
-            drawn_for.append(np.full(len(chunk), t))
-        return np.concatenate(rows), np.concatenate(drawn_for)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "order": self.order, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.position = state["order"], state["position"]
-
 
 def _schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):
     def factor(step: int) -> float:
@@ -257,16 +94,6 @@ def joint_losses(
     if residual_pairs:
         extra = extra + residual_term(torch.sigmoid(logits), labels, defined, residual_pairs)
     return task_losses, extra, task_mask.any(dim=0)
-
-
-@torch.inference_mode()
-def predict(model: MultiTaskModel, data: TensorData, rows: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """Probabilities [len(rows), T] (each task's own head; cvr is p(buy | click))."""
-    model.eval()
-    out = [torch.sigmoid(model(b.inputs, b.text, b.text_tokens)) for b in (data.batch(rows[i : i + batch_size])
-                                                             for i in range(0, len(rows), batch_size))]  # fmt: skip
-    model.train()
-    return torch.cat(out).numpy() if out else np.zeros((0, len(model.task_names)), dtype=np.float32)
 
 
 def evaluate_split(model: MultiTaskModel, data: TensorData, examples: Examples, split: str) -> dict[str, Any]:
@@ -337,7 +164,7 @@ def _select_tasks(settings: Settings, single_task: str | None) -> list[TaskSpec]
     return chosen
 
 
-def train(
+def train_on_snapshot(
     snapshot_dir: str | Path,
     out_dir: str | Path,
     settings: Settings,
@@ -345,23 +172,39 @@ def train(
     warm_start: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    examples: Examples | None = None,
 ) -> TrainResult:
-    """Train the joint model (or one task's baseline) on a snapshot and write it to ``out_dir``."""
+    """Build the snapshot's examples and train on them (``mtl train``; the DAG builds its examples once)."""
+    tasks = _select_tasks(settings, single_task)
+    examples = build_examples(snapshot_dir, settings.features, tasks)
+    return train_model(examples, out_dir, settings, single_task, warm_start, resume, progress, source=snapshot_dir)
+
+
+def train_model(
+    examples: Examples,
+    out_dir: str | Path,
+    settings: Settings,
+    single_task: str | None = None,
+    warm_start: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    source: str | Path | None = None,
+) -> TrainResult:
+    """Train the joint model (or one task's baseline) on ``examples`` and write it to ``out_dir``.
+
+    ``source`` names where the examples came from, for the messages.
+    """
     began = time.perf_counter()
     cfg = settings.train
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     tasks = _select_tasks(settings, single_task)
-    if examples is None:
-        examples = build_examples(snapshot_dir, settings.features, tasks)
-    elif examples.task_names != [t.name for t in tasks]:
+    if examples.task_names != [t.name for t in tasks]:
         examples = _subset_tasks(examples, [t.name for t in tasks])
     counts = split_summary(examples)
     empty = [name for name, c in counts.items() if c["train"] == 0 or c["valid"] == 0]
     if empty:
         raise TrainingError(
-            f"no training or validation examples for task(s) {', '.join(empty)} in snapshot {snapshot_dir} "
+            f"no training or validation examples for task(s) {', '.join(empty)} in {source or 'the examples'} "
             f"(examples per split: {json.dumps({n: counts[n] for n in empty})}); use a longer interval or drop "
             "the task from the configuration"
         )
@@ -427,7 +270,7 @@ def train(
     history: list[dict[str, Any]] = []
     checkpoint_path = out / CHECKPOINT_FILE
     if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -477,7 +320,7 @@ def train(
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, weighting, sampler, step, best_value,
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, weighting, sampler, step, best_value,
                              best_step, best_state, best_metrics, stale, history)  # fmt: skip
     bar.close()
     if best_state is not None:
@@ -499,19 +342,6 @@ def _subset_tasks(examples: Examples, names: list[str]) -> Examples:
     return dataclasses.replace(examples, labels=examples.labels[:, keep], task_names=names)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, weighting, sampler, step, best_value, best_step,
-                     best_state, best_metrics, stale, history) -> None:  # fmt: skip
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "weighting": weighting.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-        "step": step, "best_value": best_value, "best_step": best_step, "best_state": best_state,
-        "best_metrics": best_metrics, "stale": stale, "history": history,
-    }  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _warm_start(model: MultiTaskModel, previous: MultiTaskModel) -> None:
     """Copy an earlier model's weights; embedding tables keep old rows and grow for new ids."""
     old = previous.state_dict()
@@ -529,65 +359,3 @@ def _warm_start(model: MultiTaskModel, previous: MultiTaskModel) -> None:
     model.load_state_dict(new)
 
 
-# --------------------------------------------------------------------------------------------------
-# Model directory: weights, feature space, settings, validation metrics.
-@dataclass
-class LoadedModel:
-    model: MultiTaskModel
-    space: FeatureSpace
-    settings: Settings
-    task_names: list[str]
-    text_in: int
-    cache_dir: Path
-
-    def predict(self, examples: Examples, rows: np.ndarray, progress: bool = False) -> np.ndarray:
-        texts = None
-        if self.text_in:
-            texts = text_matrix(examples.texts, self.settings, self.cache_dir, progress, self.model.text_encoder)
-        return predict(self.model, TensorData(examples, self.space, texts), rows)
-
-    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Scoring request (see ``features.examples_frame``) -> one probability column per task."""
-        examples = frame_examples(frame, self.task_names)
-        probs = self.predict(examples, np.arange(len(frame)))
-        return pd.DataFrame(probs, columns=self.task_names, index=frame.index)
-
-
-def save_model(out: Path, model: MultiTaskModel, space: FeatureSpace, settings: Settings, tasks: list[TaskSpec],
-               metrics: dict[str, Any]) -> None:  # fmt: skip
-    torch.save(
-        {"state_dict": model.state_dict(), "task_names": model.task_names, "vocab_sizes": space.sizes(),
-         "text_in": model.inputs.text_in},
-        out / MODEL_FILE,
-    )  # fmt: skip
-    space.save(out / FEATURES_FILE)
-    stored = settings.model_copy(update={"tasks": tasks})
-    (out / SETTINGS_FILE).write_text(stored.model_dump_json(indent=2))
-    (out / METRICS_FILE).write_text(json.dumps({"tasks": metrics}, indent=2))
-
-
-def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> LoadedModel:
-    """A trained model ready to score; ``cache_dir`` is where text vectors are cached (default: as trained)."""
-    path = Path(model_dir)
-    if not (path / MODEL_FILE).is_file():
-        raise TrainingError(f"{path} is not a model directory: {MODEL_FILE} is missing (train one with mtl train)")
-    stored = torch.load(path / MODEL_FILE, weights_only=False)
-    saved = json.loads((path / SETTINGS_FILE).read_text())
-    # A model saved before text.pooling and model.transfer existed was trained with whole-text vectors and
-    # without transfer; today's defaults would not fit its weights.
-    saved.setdefault("text", {}).setdefault("pooling", "sentence")
-    saved.setdefault("model", {}).setdefault("transfer", [])
-    saved["model"].setdefault("transfer_blend", False)
-    settings = Settings.model_validate(saved)
-    space = FeatureSpace.load(path / FEATURES_FILE)
-    encoder = finetuned_encoder(settings)
-    model = build_model(
-        stored["vocab_sizes"], stored["task_names"], settings.model, stored["text_in"], stored["text_in"] > 0, encoder,
-        word_pooling=uses_word_vectors(settings),
-    )  # fmt: skip
-    model.load_state_dict(stored["state_dict"])
-    model.eval()
-    return LoadedModel(
-        model=model, space=space, settings=settings, task_names=stored["task_names"], text_in=stored["text_in"],
-        cache_dir=Path(cache_dir) if cache_dir else settings.data_dir / "text_cache",
-    )  # fmt: skip

@@ -22,17 +22,21 @@ of warm-up history.
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtl_core.config import FeatureSettings, TaskSpec
+from mtl_core.data.extract import read_manifest, replace_dir
 from mtl_core.errors import MtlError
-from mtl_core.ingest import read_manifest
+from mtl_core.jsonable import to_jsonable
 
 SPACES = ("feed", "ads", "users")
 SPACE_LABELS = {"feed": ("clicked", "carted", "purchased"), "ads": ("ad_clicked",), "users": ("churned",)}
@@ -94,11 +98,7 @@ class Vocab:
     @classmethod
     def fit(cls, raw: np.ndarray | pd.Series) -> Vocab:
         values = pd.unique(pd.Series(np.asarray(raw, dtype=object)).dropna())
-        return cls(sorted((_plain(v) for v in values), key=str))
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+        return cls(sorted((to_jsonable(v) for v in values), key=str))
 
 
 @dataclass
@@ -550,6 +550,90 @@ def split_summary(examples: Examples) -> dict[str, dict[str, int]]:
     return summary
 
 
+
+# --- the example set on disk: built once per run, read by training, evaluation and registration ---------
+EXAMPLES_FILE = "examples.parquet"
+TEXTS_FILE = "texts.parquet"
+EXAMPLES_META = "examples.json"
+ID_FEATURES = ("user", "item", "ad")
+
+
+def save_examples(examples: Examples, directory: str | Path) -> None:
+    """Write the examples as Parquet (columns as built, labels with their NaN) into ``directory``, atomically.
+
+    ``load_examples`` gives back equal arrays, so a model trained on loaded examples is the model trained on
+    freshly built ones.
+    """
+    out = Path(directory)
+    columns: dict[str, pa.Array] = {}
+    for name in CATEGORICAL:
+        values = examples.raw[name]
+        if name in ID_FEATURES:
+            columns[f"raw.{name}"] = pa.array(pd.array(values, dtype="Int64"), type=pa.int64())
+        else:
+            columns[f"raw.{name}"] = pa.array([None if _missing(v) else str(v) for v in values], type=pa.string())
+    for i, name in enumerate(NUMERIC):
+        columns[f"numeric.{name}"] = pa.array(np.ascontiguousarray(examples.numeric[:, i]))
+    for t, task in enumerate(examples.task_names):
+        columns[f"label.{task}"] = pa.array(np.ascontiguousarray(examples.labels[:, t]))
+    columns["text_index"] = pa.array(examples.text_index)
+    columns["split"] = pa.array(np.asarray(examples.split, dtype=str))
+    columns["time"] = pa.array(examples.time.astype("datetime64[us]"))
+    for name in ("event_id", "click_event_id", "new_user", "cold_item"):
+        columns[name] = pa.array(getattr(examples, name))
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        pq.write_table(pa.table(columns), staging / EXAMPLES_FILE)
+        pq.write_table(pa.table({"text": pa.array(examples.texts, type=pa.string())}), staging / TEXTS_FILE)
+        meta = {
+            "task_names": examples.task_names,
+            "interval": [str(examples.interval[0]), str(examples.interval[1])],
+            "rows": len(examples),
+        }
+        (staging / EXAMPLES_META).write_text(json.dumps(meta, indent=2))
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_examples(directory: str | Path) -> Examples:
+    """The examples ``save_examples`` wrote."""
+    path = Path(directory)
+    if not (path / EXAMPLES_META).is_file():
+        raise FeatureError(f"{path} holds no example set: {EXAMPLES_META} is missing (the build_features step writes it)")
+    meta = json.loads((path / EXAMPLES_META).read_text())
+    table = pq.read_table(path / EXAMPLES_FILE)
+    raw = {}
+    for name in CATEGORICAL:
+        column = table.column(f"raw.{name}")
+        if name in ID_FEATURES:
+            raw[name] = pd.array(column.to_pandas(), dtype="Int64").to_numpy(dtype=object, na_value=None)
+        else:  # missing as NaN, as the joins of build_examples leave it
+            raw[name] = np.array([np.nan if v is None else v for v in column.to_pylist()], dtype=object)
+    return Examples(
+        raw=raw,
+        numeric=np.column_stack([table.column(f"numeric.{n}").to_numpy() for n in NUMERIC]).astype(np.float32),
+        text_index=table.column("text_index").to_numpy(),
+        texts=pq.read_table(path / TEXTS_FILE).column("text").to_pylist(),
+        labels=np.column_stack([table.column(f"label.{t}").to_numpy() for t in meta["task_names"]]).astype(np.float32)
+        if meta["task_names"]
+        else np.zeros((table.num_rows, 0), dtype=np.float32),
+        task_names=list(meta["task_names"]),
+        split=np.asarray(table.column("split").to_pylist(), dtype=str),
+        time=table.column("time").to_numpy().astype("datetime64[us]"),
+        event_id=table.column("event_id").to_numpy(),
+        click_event_id=table.column("click_event_id").to_numpy(),
+        new_user=table.column("new_user").to_numpy(zero_copy_only=False),
+        cold_item=table.column("cold_item").to_numpy(zero_copy_only=False),
+        interval=(np.datetime64(meta["interval"][0], "us"), np.datetime64(meta["interval"][1], "us")),
+    )
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
 __all__ = [
     "CATEGORICAL",
     "NUMERIC",
@@ -559,6 +643,8 @@ __all__ = [
     "FeatureSpace",
     "Vocab",
     "build_examples",
+    "load_examples",
+    "save_examples",
     "split_summary",
 ]
 

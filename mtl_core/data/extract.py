@@ -32,7 +32,7 @@ from sqlalchemy import BigInteger, DateTime, Float, Integer, String, Table, Text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 from mtl_core.errors import MtlError
 
 MANIFEST = "manifest.json"

@@ -101,7 +101,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from mtl_core import warehouse as wh
+from mtl_core.data import warehouse as wh
 from mtl_core.errors import MtlError
 
 TAOBAO = "taobao"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mtl_core.config import ModelSettings
-from mtl_core.models.architectures import PLE, MMoE, SharedBottom, mlp
+from mtl_core.learn.models.architectures import PLE, MMoE, SharedBottom, mlp
 
 IDENTITY_BLEND = torch.tensor([[1.0, 0.0, 0.0]])
 
@@ -32,7 +32,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         # Only when the text encoder is fine-tuned inside the joint loss; a frozen one lives outside.
         self.text_encoder = text_encoder
-        from mtl_core.models.inputs import InputEncoder
+        from mtl_core.learn.models.inputs import InputEncoder
 
         self.task_names = list(task_names)
         self.settings = settings

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mtl_core.errors import MtlError
 
 if TYPE_CHECKING:
-    from mtl_core.config import TextSettings
+    from mtl_core.config import Settings, TextSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _offline_transformers() -> Any:
     """Import transformers with the Hub switched off.
 
     ``huggingface_hub`` reads these variables when it is first imported, hence the lazy import here (it also
-    keeps ``import mtl_core.text`` cheap for commands that never encode). ``setdefault`` leaves a deliberate
+    keeps ``import mtl_core.learn.text`` cheap for commands that never encode). ``setdefault`` leaves a deliberate
     user setting alone; ``local_files_only=True`` on every load is the guarantee that holds either way.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -510,3 +510,66 @@ class EmbeddingCache:
         """Number of distinct texts cached on disk for this encoder (as of the last refresh)."""
         self._refresh()
         return len(self._index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text for the model: cached vectors of a frozen encoder, or the encoder itself when it is fine-tuned.
+def text_matrix(
+    texts: list[str], settings: Settings, cache_dir: Path, progress: bool = True, encoder: torch.nn.Module | None = None
+) -> np.ndarray:
+    """Row 0 (no text) is zeros and replaced by a learned vector in the model.
+
+    ``text.pooling`` "sentence": [len(texts) + 1, dim], one vector per text. "words": [len(texts) + 1,
+    max_words, dim], one vector per word, zero rows after the last word (the model's padding mask).
+    A frozen encoder's vectors come from the on-disk cache; a fine-tuned encoder (``encoder``) embeds the
+    texts itself, since its vectors change as it trains.
+    """
+    if encoder is not None:
+        vectors, dim = encoder.encode(texts, batch_size=settings.text.batch_size, progress=progress), encoder.dim
+    else:
+        frozen = encoder_from_settings(settings.text)
+        cache = EmbeddingCache(cache_dir, frozen)
+        if uses_word_vectors(settings):
+            return _word_matrix(texts, settings, cache, frozen.dim, progress)
+        vectors, dim = cache.get(texts, progress=progress, batch_size=settings.text.batch_size), frozen.dim
+    return np.vstack([np.zeros((1, dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
+
+
+def _word_matrix(
+    texts: list[str], settings: Settings, cache: EmbeddingCache, dim: int, progress: bool
+) -> np.ndarray:
+    """[len(texts) + 1, max_words, dim]: each distinct word's vector from the cache, zero rows as padding."""
+    limit = settings.text.max_words
+    words = [split_words(text) for text in texts]
+    longer = [text_words for text_words in words if len(text_words) > limit]
+    if longer:
+        log.warning(
+            "%d of %d texts have more than text.max_words = %d words (the longest %d); the words after the %dth "
+            "are ignored", len(longer), len(texts), limit, max(map(len, longer)), limit,
+        )  # fmt: skip
+        words = [text_words[:limit] for text_words in words]
+    vocabulary = sorted({word for text_words in words for word in text_words})
+    word_vectors = np.asarray(
+        cache.get(vocabulary, progress=progress, batch_size=settings.text.batch_size), dtype=np.float32
+    ).reshape(len(vocabulary), dim)
+    index = {word: i for i, word in enumerate(vocabulary)}
+    out = np.zeros((len(texts) + 1, settings.text.max_words, dim), dtype=np.float32)
+    for row, text_words in enumerate(words, start=1):
+        if text_words:
+            out[row, : len(text_words)] = word_vectors[[index[word] for word in text_words]]
+    return out
+
+
+def uses_word_vectors(settings: Settings) -> bool:
+    """Whether texts reach the model as word vectors (a fine-tuned encoder always embeds whole texts)."""
+    return settings.text.pooling == "words" and settings.text.finetune == "frozen"
+
+
+def finetuned_encoder(settings: Settings) -> torch.nn.Module | None:
+    """The text encoder trained inside the joint loss (``top_k`` or ``full``), or None when it is frozen."""
+    if not settings.text.enabled or settings.text.finetune == "frozen":
+        return None
+    t = settings.text
+    return TextEncoder(t.model_path or None, max_length=t.max_length, finetune=t.finetune, top_k=t.top_k)
+
+

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_core.features import CATEGORICAL, NUMERIC, SPACES
+from mtl_core.learn.examples import CATEGORICAL, NUMERIC, SPACES
 
 USER_SIDE = ("user", "region", "age_band")
 ITEM_SIDE = ("item", "category", "brand", "ad")

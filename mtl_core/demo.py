@@ -1,0 +1,104 @@
+"""The main job end to end on the embedded defaults: a drifting shop, weekly DAG runs, a corrupted week.
+
+``mtl demo`` calls ``run_demo`` with ``typer.echo``; the demo is a self-contained installation in
+``<data dir>/demo`` (SQLite warehouse, MLflow and Airflow stores), started afresh each time, so nothing
+else in the data dir is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+from mtl_core.artifacts import Comparison
+from mtl_core.config import Settings
+from mtl_core.data.shop import ShopSpec, corrupt_interval, write_shop
+from mtl_core.data.warehouse import make_engine
+from mtl_core.local_airflow import run_dag_in_process
+
+STEPS = ("extract", "validate", "build_features", "train_challenger", "evaluate", "register", "gate")
+WEEKS = (7, 8, 9, 10)  # the DAG runs for the intervals ending this many weeks after the shop's start
+CORRUPTED_RUN = 4  # the run whose week is corrupted before it starts
+
+
+def run_demo(base: Settings, users: int, items: int, say: Callable[[str], None]) -> None:
+    from mtl_core.registry.status import format_status, status
+    from mtl_core.registry.store import configure
+
+    began = time.perf_counter()
+    demo_dir = (base.data_dir / "demo").resolve()
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    for variable in ("MTL_WAREHOUSE_URL", "MTL_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        os.environ.pop(variable, None)
+    os.environ["MTL_DATA_DIR"] = str(demo_dir)
+    settings = base.model_copy(update={"data_dir": demo_dir, "warehouse_url": "", "mlflow_tracking_uri": ""})
+    start = date.fromisoformat(settings.shop.start)
+    weeks = [start + timedelta(days=7 * k) for k in WEEKS]  # ends of the intervals the DAG runs for
+    engine = make_engine(settings.resolved_warehouse_url)
+    say(f"data dir:  {settings.data_dir.resolve()}")
+    say(f"warehouse: {engine.url.render_as_string(hide_password=True)}")
+    say(f"mlflow:    {settings.resolved_mlflow_tracking_uri}")
+    days = (weeks[-1] - start).days
+    drift_day = (weeks[1] - start).days - 3  # tastes change during the second run's holdout week
+    spec = ShopSpec(users=users, items=items, days=days, start=start, seed=settings.shop.seed, drift_day=drift_day)
+    shop = write_shop(engine, spec, replace=True)
+    say(
+        f"simulated {days} days from {start} ({shop.rows['impressions']:,} feed impressions), tastes drift "
+        f"from {start + timedelta(days=drift_day)}"
+    )
+    client = configure(settings.resolved_mlflow_tracking_uri)
+    for number, end in enumerate(weeks, 1):
+        if number == CORRUPTED_RUN:
+            damage = corrupt_interval(engine, end - timedelta(days=7), end)
+            say(f"\ncorrupted the week before {end}: {', '.join(damage)}")
+        say(f"\nrun {number}: mtl_retrain for the interval ending {end} ...")
+        t0 = time.perf_counter()
+        states = run_dag_in_process(settings, end.isoformat(), quiet=True)
+        failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
+        say(f"  tasks: {', '.join(f'{t}={st}' for t, st in states.items())}  ({time.perf_counter() - t0:.0f} s)")
+        if failed:
+            first = next(t for t in STEPS if states.get(t) == "failed")
+            say(f"  stopped at {first}; nothing registered after it, champion unchanged")
+            for line in _validation_failures(settings, end):
+                say(line)
+            continue
+        for line in _comparison_lines(_latest_comparison(settings)):
+            say(line)
+        decision = status(client, settings.pipeline.model_name)["last_decision"]
+        say(f"  verdict: {decision['verdict']} v{decision['version']}: {decision['reason']}")
+    say("\n" + format_status(status(client, settings.pipeline.model_name)))
+    say(f"\nreview in the MLflow UI: mlflow ui --backend-store-uri {settings.resolved_mlflow_tracking_uri}")
+    say(f"demo took {time.perf_counter() - began:.0f} s")
+
+
+def _validation_failures(settings: Settings, end: date) -> list[str]:
+    lines = []
+    for result in settings.snapshots_dir.glob(f"*-{end:%Y%m%d}/validation/result.json"):
+        for failure in json.loads(result.read_text())["summary"]["failures"]:
+            where = f"{failure['table']}.{failure['column']}"
+            seen = f"{failure['unexpected_count']} unexpected, e.g. {failure['sample_values'][:3]}"
+            lines.append(f"    {where}: {failure['expectation']} ({seen})")
+    return lines
+
+
+def _latest_comparison(settings: Settings) -> Comparison:
+    runs = sorted((settings.data_dir / "runs").glob("*/comparison.json"), key=lambda p: p.stat().st_mtime)
+    return Comparison.load(runs[-1])
+
+
+def _comparison_lines(comparison: Comparison) -> list[str]:
+    lines = []
+    for task, entry in comparison.tasks.items():
+        champion: dict[str, Any] | None = entry.get("champion")
+        oracle = entry["challenger"].get("oracle_auc")
+        lines.append(
+            f"  {task:<7} challenger auc {entry['challenger']['auc']:.4f}"
+            + (f"  champion {champion['auc']:.4f}" if champion else "  (no champion yet)")
+            + (f"  oracle {oracle:.4f}" if oracle else "")
+        )
+    return lines

@@ -1,0 +1,121 @@
+"""The examples as tensors: batch assembly by row index, the mixed-task sampler, and batched inference."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mtl_core.learn.examples import Examples, FeatureSpace
+from mtl_core.learn.models import MultiTaskModel
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    pass
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor  # [B, T] with NaN where undefined
+    drawn_for: torch.Tensor  # [B] which task each row was drawn for
+    text: torch.Tensor | None  # [B, dim] text vectors, or [distinct texts, words, dim] word vectors
+    text_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # fine-tuning: ids, mask, inverse
+
+
+class TensorData:
+    """The examples as tensors, and batch assembly by row index."""
+
+    def __init__(
+        self,
+        examples: Examples,
+        space: FeatureSpace,
+        texts: np.ndarray | None,
+        tokens: dict[str, torch.Tensor] | None = None,
+    ):
+        encoded = examples.encode(space)
+        self.inputs = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in encoded.items()}
+        self.labels = torch.from_numpy(examples.labels)
+        self.texts = torch.from_numpy(texts) if texts is not None else None
+        # Fine-tuning: every distinct text tokenised once (row 0: no text); batches encode their own texts.
+        self.tokens = tokens
+
+    def batch(self, rows: np.ndarray, drawn_for: np.ndarray | None = None) -> Batch:
+        index = torch.from_numpy(rows)
+        inputs = {name: tensor[index] for name, tensor in self.inputs.items()}
+        text = None
+        if self.texts is not None and self.texts.dim() == 3:
+            # Word vectors are [words, dim] per text: gather each distinct text of the batch once and tell
+            # the model which row is which (a batch of 1024 rows holds a few hundred distinct titles).
+            unique, inputs["text_row"] = torch.unique(inputs["text"], return_inverse=True)
+            text = self.texts[unique]
+        elif self.texts is not None:
+            text = self.texts[inputs["text"]]
+        drawn = torch.from_numpy(drawn_for) if drawn_for is not None else torch.full((len(rows),), -1)
+        tokens = None
+        if self.tokens is not None:
+            unique, inverse = torch.unique(inputs["text"], return_inverse=True)
+            tokens = (self.tokens["input_ids"][unique], self.tokens["attention_mask"][unique], inverse)
+        return Batch(inputs=inputs, labels=self.labels[index], drawn_for=drawn, text=text, text_tokens=tokens)
+
+
+class TaskSampler:
+    """Draws each batch from all tasks' rows: n_t ** (1 / T) shares (T = 1 is proportional)."""
+
+    def __init__(self, task_rows: list[np.ndarray], batch_size: int, temperature: float, seed: int):
+        self.task_rows = task_rows
+        self.rng = np.random.default_rng(seed)
+        volume = np.array([len(rows) for rows in task_rows], dtype=np.float64)
+        share = np.where(volume > 0, volume ** (1.0 / temperature), 0.0)
+        self.share = share / share.sum()
+        raw = self.share * batch_size
+        counts = np.floor(raw).astype(int)
+        # Largest remainders fill the batch; every task with data gets at least one row per batch.
+        for i in np.argsort(-(raw - counts))[: batch_size - counts.sum()]:
+            counts[i] += 1
+        counts[(counts == 0) & (volume > 0)] = 1
+        self.counts = counts
+        self.order = [self.rng.permutation(rows) for rows in task_rows]
+        self.position = [0] * len(task_rows)
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        rows, drawn_for = [], []
+        for t, count in enumerate(self.counts):
+            if count == 0:
+                continue
+            taken = []
+            while count > 0:
+                order, pos = self.order[t], self.position[t]
+                chunk = order[pos : pos + count]
+                taken.append(chunk)
+                count -= len(chunk)
+                self.position[t] = pos + len(chunk)
+                if self.position[t] >= len(order):  # one pass over this task's rows done: reshuffle
+                    self.order[t] = self.rng.permutation(self.task_rows[t])
+                    self.position[t] = 0
+            chunk = np.concatenate(taken)
+            rows.append(chunk)
+            drawn_for.append(np.full(len(chunk), t))
+        return np.concatenate(rows), np.concatenate(drawn_for)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.position = state["order"], state["position"]
+
+
+@torch.inference_mode()
+def predict(model: MultiTaskModel, data: TensorData, rows: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """Probabilities [len(rows), T] (each task's own head; cvr is p(buy | click))."""
+    model.eval()
+    out = [torch.sigmoid(model(b.inputs, b.text, b.text_tokens)) for b in (data.batch(rows[i : i + batch_size])
+                                                             for i in range(0, len(rows), batch_size))]  # fmt: skip
+    model.train()
+    return torch.cat(out).numpy() if out else np.zeros((0, len(model.task_names)), dtype=np.float32)
+
+

@@ -1,0 +1,90 @@
+"""The embedded Airflow: the real retraining DAG run in this process, as ``airflow dags test`` runs it.
+
+The one module of the library that imports Airflow, and only inside its functions: ``mtl run-dag``, the
+demo and the DAG tests replay a run on a laptop with the same DAG file the scheduler parses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mtl_core.config import Settings
+from mtl_core.errors import MtlError
+
+# The repository's dags/ folder (the package is installed in development mode from the repository).
+DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+DAG_ID = "mtl_retrain"
+
+
+def _airflow_env(settings: Settings) -> dict[str, str]:
+    """The embedded Airflow: home, metadata DB and DAGs folder under the data dir / repo (set before import)."""
+    home = (settings.data_dir / "airflow").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": os.environ.get(
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}"
+        ),
+        "MTL_DATA_DIR": str(settings.data_dir.resolve()),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def prepare_airflow(settings: Settings) -> None:
+    """Point this process's Airflow at the embedded installation and migrate its metadata DB when new.
+
+    Must run before anything imports airflow: Airflow reads its configuration once, on first import.
+    """
+    import subprocess
+
+    env = _airflow_env(settings)
+    os.environ.update(env)
+    db_file = Path(env["AIRFLOW_HOME"]) / "airflow.db"
+    if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") and not db_file.exists():
+        migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env={**os.environ, **env},
+                                 capture_output=True, text=True)  # fmt: skip
+        if migrate.returncode != 0:
+            raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Airflow's task logs) to stderr for a while, at the descriptor level."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run_dag_in_process(
+    settings: Settings, logical_date: str, conf: dict[str, Any] | None = None, quiet: bool = False
+) -> dict[str, str]:
+    """Run the real DAG for the interval ending at ``logical_date`` in this process, as `airflow dags test`.
+
+    Returns each task's final state. ``quiet`` sends Airflow's task logs to stderr instead of stdout.
+    """
+    if quiet:
+        with _stdout_to_stderr():
+            return run_dag_in_process(settings, logical_date, conf)
+    prepare_airflow(settings)
+    import pendulum
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    if bag.import_errors:
+        raise MtlError(f"the DAGs folder has import errors: {bag.import_errors}")
+    dag = bag.get_dag(DAG_ID)
+    run = dag.test(logical_date=pendulum.parse(logical_date, tz="UTC"), run_conf=conf or None)
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}

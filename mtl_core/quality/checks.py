@@ -1,0 +1,320 @@
+"""Whole-snapshot checks GX has no expectation for: label rates, label leakage, ids in dimension tables,
+and the row-count bounds of the event tables against the previous snapshot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mtl_core.data import warehouse as wh
+from mtl_core.jsonable import to_jsonable
+
+LEAKAGE_SAMPLE_ROWS = 200_000
+ID_COLUMNS = frozenset({"event_id", "parent_event_id", "user_id", "item_id", "ad_id", "session_id"})
+SAMPLE_VALUES = 5  # sample values reported per failing expectation or check
+WILSON_Z = 2.576  # two-sided 99 %
+@dataclass(frozen=True)
+class LabelRate:
+    """A label rate (numerator events / denominator events of one table) and its plausible bounds."""
+
+    task: str
+    table: str
+    numerator: str
+    denominator: str
+    low: float
+    high: float
+
+
+LABEL_RATES = (
+    LabelRate("ctr", "behavior_events", "click", "impression", 0.002, 0.3),
+    LabelRate("cvr", "behavior_events", "purchase", "click", 0.005, 0.6),
+    LabelRate("ad_ctr", "ad_events", "ad_click", "ad_impression", 0.001, 0.2),
+)
+
+
+def _instant(value: str) -> pd.Timestamp:
+    return pd.Timestamp(value.replace("Z", "+00:00")).tz_convert("UTC")
+
+
+def _interval_days(interval: Mapping[str, str]) -> float:
+    return (_instant(interval["end"]) - _instant(interval["start"])).total_seconds() / 86_400
+
+
+def volume_bounds(
+    table: str, rows: int, policy: Mapping[str, Any], interval: Mapping[str, str], previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Row-count bounds of one event table and how they were derived (reported with a failure)."""
+    min_rows = int(policy.get("min_rows", 0))
+    low_ratio, high_ratio = float(policy.get("min_ratio", 0.3)), float(policy.get("max_ratio", 3.0))
+    volume: dict[str, Any] = {"rows": rows, "min_rows": min_rows, "max_rows": None, "rows_per_day": None}
+    days = _interval_days(interval)
+    volume["rows_per_day"] = round(rows / days, 3) if days > 0 else None
+    if previous is None:
+        volume["basis"] = f"no previous snapshot: only the minimum of {min_rows} rows applies"
+        return volume
+    prev_rows = int(previous["tables"].get(table, {}).get("rows", 0))
+    prev_days = _interval_days(previous["interval"])
+    if prev_rows == 0 or prev_days <= 0:
+        volume["basis"] = f"previous snapshot has no {table} rows: only the minimum of {min_rows} rows applies"
+        return volume
+    prev_per_day = prev_rows / prev_days
+    expected = prev_per_day * days
+    volume.update(
+        min_rows=max(min_rows, math.floor(low_ratio * expected)),
+        max_rows=math.ceil(high_ratio * expected),
+        previous_rows=prev_rows,
+        previous_rows_per_day=round(prev_per_day, 3),
+        basis=(
+            f"{low_ratio:g}x..{high_ratio:g}x of the previous snapshot's {prev_per_day:.1f} rows/day "
+            f"x {days:g} days (expected {expected:.0f}); this snapshot has {volume['rows_per_day']} rows/day"
+        ),
+    )
+    return volume
+
+
+def duplicate_mostly(rows: int, policy: Mapping[str, Any]) -> float:
+    """Share of rows that must be unique on the retry key: a few genuine repeats pass in any table size."""
+    if rows == 0:
+        return 1.0
+    tolerated = max(float(policy.get("max_share", 0.005)), float(policy.get("max_rows", 10)) / rows)
+    return round(max(0.0, 1.0 - tolerated), 6)
+
+
+# ---- whole-snapshot checks ------------------------------------------------------------------------------
+def _wilson(successes: int, trials: int, z: float = WILSON_Z) -> tuple[float, float]:
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def check_label_rates(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """Each task's label rate against its plausible bounds (see the module docstring)."""
+    checks = []
+    for rate in LABEL_RATES:
+        counts = frames[rate.table]["event_type"].value_counts()
+        num, den = int(counts.get(rate.numerator, 0)), int(counts.get(rate.denominator, 0))
+        check: dict[str, Any] = {
+            "check": "expect_label_rate_to_be_between",
+            "name": rate.task,
+            "table": rate.table,
+            "column": "event_type",
+            "numerator": num,
+            "denominator": den,
+            "bounds": [rate.low, rate.high],
+            "skipped": False,
+        }
+        if den == 0:
+            check.update(
+                success=True,
+                skipped=True,
+                rate=None,
+                note=f"skipped: no {rate.denominator} events, so {rate.task} has no examples in this snapshot"
+                + (" (imported behaviour logs carry none)" if "impression" in rate.denominator else ""),
+            )
+            checks.append(check)
+            continue
+        observed = num / den
+        low, high = _wilson(num, den)
+        check.update(rate=round(observed, 6), wilson_interval=[round(low, 6), round(high, 6)])
+        check["success"] = not (high < rate.low or low > rate.high)
+        if check["success"] and not rate.low <= observed <= rate.high:
+            check["note"] = (
+                f"{rate.task} {observed:.4g} is outside [{rate.low}, {rate.high}] but {den} {rate.denominator} "
+                "events are too few to call it broken"
+            )
+        checks.append(check)
+    return checks
+
+
+def _click_labels(frame: pd.DataFrame, impression: str, click: str) -> tuple[pd.DataFrame, np.ndarray]:
+    impressions = frame[frame["event_type"] == impression]
+    parents = frame.loc[frame["event_type"] == click, "parent_event_id"].dropna().to_numpy(dtype=np.int64)
+    clicked = np.isin(impressions["event_id"].to_numpy(dtype=np.int64), parents)
+    return impressions, clicked
+
+
+def _leak_reason(values: pd.Series, label: np.ndarray) -> tuple[str, int] | None:
+    """Why ``values`` predicts ``label`` perfectly (and on how many rows), or None."""
+    missing = values.isna().to_numpy()
+    if missing.any() and not missing.all() and (np.array_equal(missing, label) or np.array_equal(missing, ~label)):
+        return "is null exactly on the rows of one label value", int(len(label))
+    present = values[~missing]
+    y = label[~missing]
+    if len(y) < 2 or y.all() or not y.any():
+        return None
+    if pd.api.types.is_datetime64_any_dtype(present):
+        present = present.astype("int64")  # epoch units; going through to_numpy() would box every value
+    if pd.api.types.is_bool_dtype(present) or pd.api.types.is_numeric_dtype(present):
+        keys: Any = present.to_numpy(dtype=np.float64)
+        positive, negative = keys[y], keys[~y]
+        if np.array_equal(keys, y.astype(np.float64)):
+            return "equals the label", int(len(y))
+        if positive.min() > negative.max() or positive.max() < negative.min():
+            return "separates clicked from unclicked rows by a threshold", int(len(y))
+    else:
+        keys = present.to_numpy()
+    # Purity needs 90 % of the rows in values seen at least twice, impossible with more than 0.55 n values;
+    # counting first keeps unique-per-row columns (timestamps, free text) cheap.
+    if present.nunique() > 0.55 * len(y):
+        return None
+    groups = pd.DataFrame({"value": keys, "y": y}).groupby("value", sort=False)["y"]
+    size, mean = groups.size(), groups.mean()
+    seen_twice = mean[size >= 2]
+    covered = int(size[size >= 2].sum())
+    pure = ((seen_twice == 0) | (seen_twice == 1)).all()
+    if covered >= 0.9 * len(y) and pure and (seen_twice == 1).any() and (seen_twice == 0).any():
+        return "determines the label: every value seen twice is always or never clicked", covered
+    return None
+
+
+def check_leakage(frames: Mapping[str, pd.DataFrame], seed: int = 0) -> list[dict[str, Any]]:
+    """No non-id column of the event tables predicts the click label perfectly (see the module docstring)."""
+    checks = []
+    spaces = (("feed", "behavior_events", "impression", "click"), ("ads", "ad_events", "ad_impression", "ad_click"))
+    for space, table, impression, click in spaces:
+        frame = frames[table]
+        impressions, clicked = _click_labels(frame, impression, click)
+        check: dict[str, Any] = {
+            "check": "expect_no_label_leakage",
+            "name": space,
+            "table": table,
+            "label": f"{click} whose parent_event_id is the {impression}",
+            "skipped": False,
+            "leaks": [],
+        }
+        if len(impressions) == 0 or not clicked.any() or clicked.all():
+            check.update(
+                success=True,
+                skipped=True,
+                note=f"skipped: no {impression} events with both clicked and unclicked ones "
+                "(nothing to leak into; imported logs have no impressions)",
+            )
+            checks.append(check)
+            continue
+        if len(impressions) > LEAKAGE_SAMPLE_ROWS:
+            rows = np.sort(np.random.default_rng(seed).choice(len(impressions), LEAKAGE_SAMPLE_ROWS, replace=False))
+            impressions, clicked = impressions.iloc[rows], clicked[rows]
+        columns = [c for c in impressions.columns if c not in ID_COLUMNS and c != "event_type"]
+        for column in columns:
+            found = _leak_reason(impressions[column], clicked)
+            if found:
+                reason, rows_used = found
+                sample = impressions[column].iloc[np.flatnonzero(clicked)[:SAMPLE_VALUES]]
+                check["leaks"].append(
+                    {"column": column, "reason": reason, "rows": rows_used, "sample_values": to_jsonable(list(sample))}
+                )
+        check.update(success=not check["leaks"], columns_checked=columns, sample_rows=int(len(impressions)))
+        checks.append(check)
+    return checks
+
+
+def check_references(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """Every user and item an event names exists in the snapshot's dimension tables."""
+    known = {
+        "user_id": frames["users"]["user_id"].dropna().to_numpy(dtype=np.int64),
+        "item_id": frames["items"]["item_id"].dropna().to_numpy(dtype=np.int64),
+    }
+    dimension = {"user_id": "users", "item_id": "items"}
+    checks = []
+    for table in wh.EVENT_TABLES:
+        for column, ids in known.items():
+            values = frames[table][column].dropna().to_numpy(dtype=np.int64)
+            orphans = values[~np.isin(values, ids)]
+            checks.append(
+                {
+                    "check": "expect_ids_to_exist_in_dimension_table",
+                    "name": f"{table}.{column}",
+                    "table": table,
+                    "column": column,
+                    "success": len(orphans) == 0,
+                    "skipped": False,
+                    "unexpected_count": int(len(orphans)),
+                    "sample_values": [int(v) for v in pd.unique(orphans)[:SAMPLE_VALUES]],
+                    "note": f"{len(orphans)} of {len(values)} rows name a {column} missing from {dimension[column]}",
+                }
+            )
+    return checks
+
+
+def run_guarded(run: Any, frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """Run one whole-snapshot check; a table too broken to evaluate it (a missing column, ids that are not
+    integers) becomes a failing check, as GX reports an expectation it could not evaluate."""
+    try:
+        return run(frames)
+    except (KeyError, ValueError, TypeError) as exc:
+        name = run.__name__.removeprefix("check_")
+        return [
+            {
+                "check": f"check_{name}",
+                "name": name,
+                "table": "(snapshot)",
+                "column": None,
+                "success": False,
+                "skipped": False,
+                "unexpected_count": None,
+                "sample_values": [],
+                "note": f"could not be evaluated: {exc.__class__.__name__}: {exc} (see the tables' suite failures)",
+            }
+        ]
+
+
+def check_failures(checks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    failures = []
+    for check in checks:
+        if check["success"]:
+            continue
+        if check["check"] == "expect_label_rate_to_be_between":
+            failures.append(
+                {
+                    "table": check["table"],
+                    "column": check["column"],
+                    "expectation": check["check"],
+                    "unexpected_count": None,
+                    "sample_values": [check["rate"]],
+                    "details": (
+                        f"{check['name']} = {check['numerator']} {_rate_parts(check['name'])[0]} / "
+                        f"{check['denominator']} {_rate_parts(check['name'])[1]} = {check['rate']:.4g} "
+                        f"(99% interval {check['wilson_interval']}); expected within {check['bounds']}"
+                    ),
+                }
+            )
+        elif check["check"] == "expect_no_label_leakage":
+            for leak in check["leaks"]:
+                failures.append(
+                    {
+                        "table": check["table"],
+                        "column": leak["column"],
+                        "expectation": check["check"],
+                        "unexpected_count": leak["rows"],
+                        "sample_values": leak["sample_values"],
+                        "details": (
+                            f"{leak['column']} {leak['reason']} (label: {check['label']}; "
+                            f"{check['sample_rows']} sampled rows); a feature computed from the outcome"
+                        ),
+                    }
+                )
+        else:
+            failures.append(
+                {
+                    "table": check["table"],
+                    "column": check["column"],
+                    "expectation": check["check"],
+                    "unexpected_count": check["unexpected_count"],
+                    "sample_values": check["sample_values"],
+                    "details": check["note"],
+                }
+            )
+    return failures
+
+
+def _rate_parts(task: str) -> tuple[str, str]:
+    rate = next(r for r in LABEL_RATES if r.task == task)
+    return rate.numerator, rate.denominator
+
+
