@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_LOG ?= $(or $(MTL_DATA_DIR),data)/demo.log
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mtl_core dags tests bench
+	$(BIN)/ruff format --check mtl_core dags tests bench
+
+## Format the code the way `make lint` checks it.
+format: $(STAMP)
+	$(BIN)/ruff format mtl_core dags tests bench
+	$(BIN)/ruff check --fix --select I mtl_core dags tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/simulate_extract.py

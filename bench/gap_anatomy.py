@@ -2,7 +2,7 @@
 
 The oracle AUC says how far a task is from the best possible model; this says which part of the truth
 is missing. The shop draws every label from a logit that is a sum of named terms (user taste x item
-vector, the hidden attributes, quality, price, the ad opener, per-user biases: see ``simulate.py``). For
+vector, the hidden attributes, quality, price, the ad opener, per-user biases: ``shop.logit_terms``). For
 each holdout row the script rebuilds those terms, checks that their sum gives the shop's recorded true
 probability, and then, per term, fits a two-feature logistic regression on [model logit, term]: the AUC
 it reaches is what the model would score if it also knew that term. A term the model has learned adds
@@ -13,8 +13,7 @@ The taste term is split further: users' tastes into their region x age band mean
 
 A second view regresses the model's logit on the (unsplit) terms: the slope per term is the share of it the
 model carries, and what no term explains is the model's own noise. A task can carry every term and still
-trail its oracle because its logit is noisy (ad_ctr, with 5.4k training clicks against ctr's 35k, is the
-example on the default shop).
+trail its oracle because its logit is noisy, as a task with few labels does.
 
     .venv/bin/python bench/gap_anatomy.py --dir /tmp/q   # the --dir (and shop options) of quality.py
 """
@@ -44,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mtl_core.data import warehouse as wh
-    from mtl_core.data.shop import LATENT_DIM, ShopSpec, generate
+    from mtl_core.data.shop import LATENT_DIM, TASTE_WEIGHT, ShopSpec, generate
     from mtl_core.judge.metrics import roc_auc
     from mtl_core.judge.oracle import oracle_probabilities
     from mtl_core.learn.checkpoint import load_model
@@ -94,8 +93,7 @@ def main() -> None:
         if true_p is None or not np.abs(rebuilt - true_p).max() <= 1e-6:  # None: rows the warehouse has no truth for
             sys.exit(
                 f"{task}: the rebuilt terms do not match the true probabilities in {args.dir / 'warehouse.db'}: "
-                "pass the shop options (--users, --items, --days, --seed) the quality run used; if they match, "
-                "simulate.py changed and true_logit_terms must follow it"
+                "pass the shop options (--users, --items, --days, --seed) the quality run used"
             )
         carried, noise_sd = _carried(logit, terms)
         if not drifted:  # the split below uses the pre-drift tastes
@@ -108,65 +106,47 @@ def main() -> None:
                 "  individual taste x item's own": w * dot(individual, own),
             }
         model_auc = roc_auc(labels, logit)
-        lifts = {name: round(_two_feature_auc(logit, value, labels, roc_auc) - model_auc, 4)
-                 for name, value in terms.items()}  # fmt: skip
+        lifts = {
+            name: round(_two_feature_auc(logit, value, labels, roc_auc) - model_auc, 4) for name, value in terms.items()
+        }
         report[task] = {
-            "n": len(rows), "model_auc": round(model_auc, 4), "oracle_auc": round(roc_auc(labels, true_p), 4),
-            "auc_lift_if_known": lifts, "share_carried": carried, "noise_sd": noise_sd,
+            "n": len(rows),
+            "model_auc": round(model_auc, 4),
+            "oracle_auc": round(roc_auc(labels, true_p), 4),
+            "auc_lift_if_known": lifts,
+            "share_carried": carried,
+            "noise_sd": noise_sd,
             "true_logit_sd": round(float(np.std(sum(terms[name] for name in carried))), 3),
-        }  # fmt: skip
-        print(f"\n{task}: model {model_auc:.4f}, oracle {roc_auc(labels, true_p):.4f}, {len(rows):,} rows",
-              file=sys.stderr)  # fmt: skip
+        }
+        print(
+            f"\n{task}: model {model_auc:.4f}, oracle {roc_auc(labels, true_p):.4f}, {len(rows):,} rows",
+            file=sys.stderr,
+        )
         print(f"  {'term':<34} {'AUC lift if known':>17} {'share carried':>14}", file=sys.stderr)
         for name, lift in lifts.items():
             share = f"{carried[name]:14.2f}" if name in carried else ""
             print(f"  {name:<34} {lift:+17.4f} {share}", file=sys.stderr)
-        print(f"  model logit noise (sd of what no term explains): {noise_sd:.3f}; "
-              f"sd of the true logit {report[task]['true_logit_sd']:.3f}", file=sys.stderr)  # fmt: skip
+        print(
+            f"  model logit noise (sd of what no term explains): {noise_sd:.3f}; "
+            f"sd of the true logit {report[task]['true_logit_sd']:.3f}",
+            file=sys.stderr,
+        )
     print(json.dumps(report, indent=2))
 
 
-# How much the taste x item affinity weighs in each task's true logit (simulate.py: make_feed, make_ads).
-TASTE_WEIGHT = {"ctr": 0.45, "cvr": 0.55, "ad_ctr": 0.5}
-
-
 def true_logit_terms(shop, task: str, user, item, day, position=None, ad=None) -> tuple[float, dict[str, np.ndarray]]:
-    """The shop's true logit for ``task`` on the given rows as (intercept, named terms), mirroring simulate.py.
+    """The shop's own true-logit terms (``shop.logit_terms``), with its taste x item affinity split in two.
 
     Indices are the shop's own (0-based); ``position`` is needed for ctr, ``ad`` for ad_ctr. The caller
-    checks the sum against the shop's recorded probabilities, so a change to the shop cannot go unnoticed.
+    checks the sum against the shop's recorded probabilities.
     """
-    from mtl_core.data.shop import LATENT_DIM
+    from mtl_core.data.shop import TASTE_WEIGHT
 
-    taste, affinity = shop._taste_on(user, day)
+    intercept, terms = shop.logit_terms(task, user, item, day, position=position, ad=ad)
+    dot, attr = shop.affinity_parts(user, item, day)
     w = TASTE_WEIGHT[task]
-    shared = {
-        "taste x item": w * np.einsum("ij,ij->i", taste, shop.item_vec[item]) / math.sqrt(LATENT_DIM),
-        "attribute affinity": w * np.einsum("ij,ij->i", affinity, shop.attrs[item]),
-    }
-    price = shop.price_sensitivity[user] * shop.log_price_z[item]
-    if task == "ctr":
-        return -3.7, shared | {
-            "attributes": shop.attr_effect[item],
-            "quality": 0.45 * shop.quality[item],
-            "user click bias": shop.click_bias[user],
-            "price": -0.35 * price,
-            "position": -0.04 * position,
-        }
-    if task == "cvr":
-        return -3.9, shared | {
-            "attributes": 0.6 * shop.attr_effect[item],
-            "quality": 0.5 * shop.quality[item],
-            "user click bias": 0.5 * shop.click_bias[user],
-            "price": -0.5 * price,
-        }
-    return -4.45, shared | {
-        "ad opener": shop.ad_effect[ad],
-        "quality": 0.5 * shop.quality[item],
-        "attributes": shop.attr_effect[item],
-        "price": -0.35 * price,
-        "user ad bias": shop.ad_bias[user],
-    }
+    split = {"taste x item": w * dot, "attribute affinity": w * attr}
+    return intercept, split | {name: value for name, value in terms.items() if name != "affinity"}
 
 
 def _carried(logit: np.ndarray, terms: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:

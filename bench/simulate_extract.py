@@ -41,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from mtl_core.data import warehouse as wh
-    from mtl_core.data.shop import ShopSpec, oracle_report, write_shop
+    from mtl_core.data.shop import ShopSpec, write_shop
+    from mtl_core.judge.oracle import oracle_report
 
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="mtl-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -60,17 +61,24 @@ def main() -> None:
         begin = end - timedelta(days=days)
         out = subprocess.run(
             [sys.executable, "-c", EXTRACT, url, begin.isoformat(), end.isoformat(), str(workdir / f"snap-{label}")],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         extractions[label] = json.loads(out.stdout)
 
-    print(json.dumps({
-        "shop": {"users": args.users, "items": args.items, "days": args.days, **summary.rows},
-        "generate_and_write_seconds": round(generate_seconds, 2),
-        "oracle": {task: {k: round(v, 4) for k, v in values.items()} for task, values in oracle.items()},
-        "extract": extractions,
-        "workdir": str(workdir),
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "shop": {"users": args.users, "items": args.items, "days": args.days, **summary.rows},
+                "generate_and_write_seconds": round(generate_seconds, 2),
+                "oracle": {task: {k: round(v, 4) for k, v in values.items()} for task, values in oracle.items()},
+                "extract": extractions,
+                "workdir": str(workdir),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -168,10 +168,9 @@ class Comparison(_JsonRecord):
 
     @staticmethod
     def save_predictions(path: Path, labels: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
-        frame = pd.concat(
-            [pd.DataFrame({"task": task, "label": labels[task], "probability": probs[task]}) for task in probs],
-            ignore_index=True,
-        )
+        parts = [pd.DataFrame({"task": task, "label": labels[task], "probability": probs[task]}) for task in probs]
+        columns = {"task": pd.Series(dtype=str), "label": pd.Series(dtype=float), "probability": pd.Series(dtype=float)}
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns)
         frame.to_parquet(path, index=False)
 
     def holdout_predictions(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

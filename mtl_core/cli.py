@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from datetime import date
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 
 from mtl_core.config import Settings, load_settings
 from mtl_core.errors import MtlError
+from mtl_core.jsonable import to_jsonable
 
 app = typer.Typer(
     help="Multi-task recommender retraining: simulate, extract, import logs, train, gate.",
@@ -30,7 +32,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 
 def _settings(config: Path | None) -> Settings:
-    return load_settings(config)
+    settings = load_settings(config)
+    logging.getLogger("mtl_core").setLevel(settings.log_level)
+    return settings
 
 
 def _fail(message: str) -> None:
@@ -39,7 +43,7 @@ def _fail(message: str) -> None:
 
 
 def _print(payload: Any, as_json: bool, text: str) -> None:
-    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
+    typer.echo(json.dumps(to_jsonable(payload), indent=2) if as_json else text)
 
 
 def _engine(db: str | None, settings: Settings):
@@ -84,8 +88,11 @@ def simulate_command(
     summary = write_shop(_engine(db, settings), spec, replace=replace).as_dict()
     rows = ", ".join(f"{k}={v:,}" for k, v in summary["rows"].items())
     rates = ", ".join(f"{k}={v:.3%}" for k, v in summary["rates"].items())
-    _print(summary, as_json, f"simulated {spec.days} days from {spec.start}: {rows}\nlabel rates: {rates}\n"
-           f"took {summary['seconds']} s")  # fmt: skip
+    _print(
+        summary,
+        as_json,
+        f"simulated {spec.days} days from {spec.start}: {rows}\nlabel rates: {rates}\ntook {summary['seconds']} s",
+    )
 
 
 @app.command("extract")
@@ -168,14 +175,23 @@ def train_command(
     from mtl_core.learn.training import train_on_snapshot
 
     settings = _settings(config)
-    result = train_on_snapshot(snapshot, out, settings, single_task=single_task, warm_start=warm_start, resume=resume,
-                          progress=not as_json and sys.stderr.isatty())  # fmt: skip
+    result = train_on_snapshot(
+        snapshot,
+        out,
+        settings,
+        single_task=single_task,
+        warm_start=warm_start,
+        resume=resume,
+        progress=not as_json and sys.stderr.isatty(),
+    )
     payload = result.as_dict()
     text = "\n".join(
         [f"model written to {out} after {result.steps} steps ({result.seconds:.0f} s; best at step {result.best_step})"]
-        + [f"  {task:<8} valid auc {m['auc']:.4f}  logloss {m['logloss']:.4f}  n {m['n']:,}"
-           for task, m in result.metrics.items()]
-    )  # fmt: skip
+        + [
+            f"  {task:<8} valid auc {m['auc']:.4f}  logloss {m['logloss']:.4f}  n {m['n']:,}"
+            for task, m in result.metrics.items()
+        ]
+    )
     _print(payload, as_json, text)
 
 
@@ -199,8 +215,10 @@ def evaluate_command(
     lines = [f"{split} of {snapshot}:"]
     for task, m in report["tasks"].items():
         oracle = "n/a" if m["oracle_auc"] is None else f"{m['oracle_auc']:.4f}"
-        lines.append(f"  {task:<8} auc {m['auc']:.4f} (oracle {oracle})  logloss {m['logloss']:.4f}  "
-                     f"ece {m['ece']:.4f}  n {m['n']:,}")  # fmt: skip
+        lines.append(
+            f"  {task:<8} auc {m['auc']:.4f} (oracle {oracle})  logloss {m['logloss']:.4f}  "
+            f"ece {m['ece']:.4f}  n {m['n']:,}"
+        )
     _print(report, as_json, "\n".join(lines))
 
 
@@ -247,12 +265,14 @@ def promote_command(
     as_json: JsonOption = False,
 ) -> None:
     """Manual override: make VERSION the champion (the old one becomes previous), recording who and why."""
-    from mtl_core.registry.aliases import promote
+    from mtl_core.registry.aliases import make_champion
     from mtl_core.registry.store import configure
 
     settings = _settings(config)
-    result = promote(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, version, by, why)
-    _print(result, as_json, f"version {version} is champion ({json.dumps(result, default=str)})")
+    result = make_champion(
+        configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, version, by, why
+    )
+    _print(result, as_json, f"version {version} is champion ({json.dumps(to_jsonable(result))})")
 
 
 @app.command("rollback")
@@ -268,7 +288,7 @@ def rollback_command(
 
     settings = _settings(config)
     result = rollback(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, by, why)
-    _print(result, as_json, f"rolled back: {json.dumps(result, default=str)}")
+    _print(result, as_json, f"rolled back: {json.dumps(to_jsonable(result))}")
 
 
 @app.command("import-logs")

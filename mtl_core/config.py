@@ -75,8 +75,7 @@ class TaskSpec(_Strict):
 
 
 # Each task's loss is a mean over its own rows, so a small task weighs as much as the feed unless told
-# otherwise; lighter weights on the small tasks cut their interference with ctr (on the 20k-user shop:
-# ctr AUC 0.691 with these weights against 0.685 with all at 1, the other tasks within 0.002).
+# otherwise; lighter weights on the small tasks cut their interference with ctr (README, "Why the defaults").
 DEFAULT_TASKS = [
     TaskSpec(name="ctr", sample_space="feed", label="clicked", weight=1.0),
     TaskSpec(name="cvr", sample_space="feed", label="purchased", given="clicked", weight=0.5),
@@ -110,16 +109,14 @@ class TextSettings(_Strict):
     # embedding of each word on its own (cached like texts), which the model pools through a learned
     # per-word layer. A sentence vector lets the model tell every title apart, so it learns per-item noise;
     # word vectors make it learn what a word does once for all titles that carry it, and synonyms, close in
-    # the encoder's space, share that. Measured on the 20k-user shop (holdout AUC, MMoE, sentence -> words):
-    # ctr 0.688 -> 0.695, cvr 0.719 -> 0.729, ad_ctr 0.669 -> 0.686, cold-start ctr 0.680 -> 0.692.
-    # A fine-tuned encoder (top_k, full) always embeds whole texts.
+    # the encoder's space, share that. A fine-tuned encoder (top_k, full) always embeds whole texts.
     pooling: Literal["sentence", "words"] = "words"
     max_words: int = Field(16, ge=1)
 
 
 class ModelSettings(_Strict):
     # PLE: each task keeps experts of its own beside the shared ones, so the big ctr task is less pulled
-    # by the small ones (the README's quality table is measured with it).
+    # by the small ones.
     architecture: Literal["shared_bottom", "mmoe", "ple"] = "ple"
     # ESMM-style chaining: p(click and buy) = p(click) * p(buy | click), trained over all impressions.
     esmm: bool = True
@@ -127,19 +124,19 @@ class ModelSettings(_Strict):
     # Information transfer along the funnel (after AITM, Xi et al. 2021): each (source, target) pair adds a
     # learned read-out of the source task's tower to the target's logit, so the sparse later task (buy
     # after click) starts from what the dense earlier one (click) has learned about the same impression.
-    # Unlike AITM the read-out does not train the source's tower (measured: that pulled ctr down).
+    # Unlike AITM the read-out does not train the source's tower: the small tasks' gradients would pull the
+    # big task's tower towards their own noise.
     transfer: list[tuple[str, str]] = [("ctr", "cvr"), ("ctr", "ad_ctr")]
     # After training, each transfer target's logit becomes a * own + b * source + c, with (a, b, c) fitted
     # on the validation split (3 numbers per pair; the best checkpoint was picked on the same split). The
-    # ctr head ranks clicked impressions by purchase better than the cvr head does, and the two err
-    # differently: on the 20k-user shop the blend lifted cvr holdout AUC by 0.004-0.006 over three runs.
+    # ctr head, trained on every impression, ranks clicked impressions by purchase about as well as the cvr
+    # head does, and the two err differently, so a blend of both ranks better than either.
     transfer_blend: bool = True
     id_dim: int = Field(16, ge=1)
     # Which id embeddings to learn. Id embeddings of users and items with a few dozen events each are
     # memorised within one pass over the data (validation AUC falls from the second epoch on), so none are
     # learned by default: demographics, category, brand, text and history aggregates describe users and
-    # items, and generalise to new ones. Measured on the 20k-user shop: ctr AUC 0.684 without ids, 0.676
-    # with item and ad ids, 0.650 with user ids too.
+    # items, and generalise to new ones.
     id_features: list[Literal["user", "item", "ad"]] = []
     text_dim: int = Field(32, ge=1)
     expert_dim: int = Field(64, ge=1)
@@ -285,8 +282,9 @@ def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     try:
         return Settings(**_deep_merge(settings.model_dump(), overrides))
     except ValidationError as exc:
-        problems = "; ".join(_describe(err, {}, None).replace("(from defaults)", "(from the run's conf)")
-                             for err in exc.errors())  # fmt: skip
+        problems = "; ".join(
+            _describe(err, {}, None).replace("(from defaults)", "(from the run's conf)") for err in exc.errors()
+        )
         raise ConfigError(f"invalid settings override: {problems}") from None
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from mtl_core.artifacts import Comparison
 from mtl_core.config import Settings
-from mtl_core.data.shop import ShopSpec, corrupt_interval, write_shop
+from mtl_core.data.corruption import corrupt_interval
+from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.data.warehouse import make_engine
 from mtl_core.local_airflow import run_dag_in_process
 

@@ -48,8 +48,12 @@ def prepare_airflow(settings: Settings) -> None:
     os.environ.update(env)
     db_file = Path(env["AIRFLOW_HOME"]) / "airflow.db"
     if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") and not db_file.exists():
-        migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env={**os.environ, **env},
-                                 capture_output=True, text=True)  # fmt: skip
+        migrate = subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
         if migrate.returncode != 0:
             raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
 

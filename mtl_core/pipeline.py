@@ -123,7 +123,9 @@ def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> Exam
     counts = split_summary(examples)
     empty = {name: c for name, c in counts.items() if min(c.values()) == 0}
     if empty:
-        raise TrainingError(f"task(s) {', '.join(empty)} have no examples in some split of {snapshot.uri}: {json.dumps(empty)}")
+        raise TrainingError(
+            f"task(s) {', '.join(empty)} have no examples in some split of {snapshot.uri}: {json.dumps(empty)}"
+        )
     if settings.text.enabled:
         text_matrix(examples.texts, settings, settings.data_dir / "text_cache", progress=False)
     out = run_dir(settings, run_key) / "examples"
@@ -290,11 +292,11 @@ def gate(settings: Settings, registered: RegisteredModel) -> GateDecision:
 
 def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
     """Move ``champion`` to the version (the old champion becomes ``previous``) and close the run."""
-    from mtl_core.registry.aliases import promote as move_aliases
+    from mtl_core.registry.aliases import make_champion
     from mtl_core.registry.runs import finish_run
 
     client = _client(settings)
-    moved = move_aliases(client, decision.model_name, decision.version, actor="mtl_retrain DAG", why=decision.reason)
+    moved = make_champion(client, decision.model_name, decision.version, actor="mtl_retrain DAG", why=decision.reason)
     finish_run(client, decision.run_id)
     return moved
 

@@ -29,17 +29,18 @@ from datetime import date, datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, inspect, select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 
 from mtl_core.data import warehouse as wh
-from mtl_core.judge.metrics import roc_auc
 
 SECONDS_PER_DAY = 86_400
 CHURN_HORIZON_DAYS = 14
 # Long-time users keep this share of the session rate they had right after signing up.
 ACTIVITY_FLOOR = 0.3
 LATENT_DIM = 8
+# How much the taste x item affinity weighs in each task's true logit.
+TASTE_WEIGHT = {"ctr": 0.45, "cvr": 0.55, "ad_ctr": 0.5}
 
 # category -> (nouns, brands, median price)
 CATEGORIES: dict[str, tuple[list[str], list[str], float]] = {
@@ -127,8 +128,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _pick(rng: np.random.Generator, words: list[str], n: int) -> np.ndarray:
-    return np.asarray(words, dtype=object)[rng.integers(0, len(words), n)]
+def _summed(intercept: float, terms: dict[str, np.ndarray]) -> np.ndarray:
+    """intercept + each term, left to right: the order fixes the floating-point result, hence the labels."""
+    total = intercept
+    for value in terms.values():
+        total = total + value
+    return total
 
 
 class _Shop:
@@ -152,16 +157,15 @@ class _Shop:
         # data); a smaller individual part shows only in a user's own history. That keeps the best possible
         # model (the oracle) within reach of one that sees only the logs: with a user's ~2 training clicks
         # the individual part is beyond every model tried (ids, click-history vectors, per-category
-        # counts), and at 0.3 per latent dimension it cost 0.004-0.008 AUC per task against the oracle
-        # (bench/gap_anatomy.py); at 0.15 it costs 0.001-0.002.
+        # counts), so it is kept small (bench/gap_anatomy.py shows what it still costs).
         self.taste, self.attr_affinity = self._tastes()
         # Young users lean to sporty, older ones to vintage.
         self.attr_affinity[:, 3] += 0.3 * (self.age_band <= 1)
         self.attr_affinity[:, 4] += 0.3 * (self.age_band >= 3)
         self.click_bias = rng.normal(0, 0.15, n)
         # A user's own taste for ads shows only in their ad clicks (one user in four clicks an ad at all in
-        # the quality benchmark's training weeks), so no model of the logs can learn it: at 0.2 it was worth
-        # 0.003 AUC to ad_ctr that the model could not get (bench/gap_anatomy.py), at 0.1 it is 0.0001.
+        # the quality benchmark's training weeks), so no model of the logs can learn it; it is kept small
+        # for the same reason as the individual taste above.
         self.ad_bias = rng.normal(0, 0.1, n)
         self.price_sensitivity = (0.6 + 0.25 * (len(AGE_BANDS) - 1 - self.age_band)) + rng.normal(0, 0.2, n)
         # Activity: lambda(d) = base_rate * (FLOOR + (1 - FLOOR) * exp(-decay * days since signup)): new users
@@ -290,11 +294,62 @@ class _Shop:
             out[slots] = self.rng.choice(available, size=len(slots), p=weight / weight.sum())
         return out
 
-    def affinity(self, users: np.ndarray, items: np.ndarray, days: np.ndarray) -> np.ndarray:
+    def affinity_parts(self, users: np.ndarray, items: np.ndarray, days: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user taste x item vector, user attribute affinities x item attributes), on each row's day."""
         taste, aff = self._taste_on(users, days)
         dot = np.einsum("ij,ij->i", taste, self.item_vec[items]) / math.sqrt(LATENT_DIM)
         attr = np.einsum("ij,ij->i", aff, self.attrs[items])
+        return dot, attr
+
+    def affinity(self, users: np.ndarray, items: np.ndarray, days: np.ndarray) -> np.ndarray:
+        dot, attr = self.affinity_parts(users, items, days)
         return dot + attr
+
+    def logit_terms(
+        self,
+        task: str,
+        users: np.ndarray,
+        items: np.ndarray,
+        days: np.ndarray,
+        position: np.ndarray | None = None,
+        ad: np.ndarray | None = None,
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """The true logit of a feed click, a purchase after a click or an ad click, as (intercept, named terms).
+
+        The label is drawn from sigmoid(intercept + the terms, summed in this order). ``position`` is needed
+        for ctr, ``ad`` for ad_ctr. bench/gap_anatomy.py reads the terms to tell which part the model misses.
+        """
+        affinity = self.affinity(users, items, days)
+        price_sensitivity = self.price_sensitivity[users]
+        if task == "ctr":
+            return -3.7, {
+                "affinity": TASTE_WEIGHT["ctr"] * affinity,
+                "attributes": self.attr_effect[items],
+                "quality": 0.45 * self.quality[items],
+                "user click bias": self.click_bias[users],
+                "price": -0.35 * price_sensitivity * self.log_price_z[items],
+                "position": -0.04 * position,
+            }
+        if task == "cvr":
+            return -3.9, {
+                "affinity": TASTE_WEIGHT["cvr"] * affinity,
+                "quality": 0.5 * self.quality[items],
+                "attributes": 0.6 * self.attr_effect[items],
+                "price": -0.5 * price_sensitivity * self.log_price_z[items],
+                "user click bias": 0.5 * self.click_bias[users],
+            }
+        if task == "ad_ctr":
+            # An ad sells its item: the item's appeal (hidden attributes, price for this user) moves ad clicks
+            # as it moves feed clicks; the copy's opener and the user's taste for ads come on top.
+            return -4.45, {
+                "affinity": TASTE_WEIGHT["ad_ctr"] * affinity,
+                "ad opener": self.ad_effect[ad],
+                "quality": 0.5 * self.quality[items],
+                "attributes": self.attr_effect[items],
+                "price": -0.35 * price_sensitivity * self.log_price_z[items],
+                "user ad bias": self.ad_bias[users],
+            }
+        raise ValueError(f"the shop draws no label for task {task!r} from a logit (ctr, cvr and ad_ctr only)")
 
     def make_feed(self) -> None:
         s, rng = self.spec, self.rng
@@ -305,28 +360,12 @@ class _Shop:
         position = np.arange(len(imp_sess)) - np.repeat(starts, length)
         user, day = self.sess_user[imp_sess], self.sess_day[imp_sess]
         item = self._sample_items(day, boost_new=4.0)
-        affinity = self.affinity(user, item, day)
-        click_logit = (
-            -3.7
-            + 0.45 * affinity
-            + self.attr_effect[item]
-            + 0.45 * self.quality[item]
-            + self.click_bias[user]
-            - 0.35 * self.price_sensitivity[user] * self.log_price_z[item]
-            - 0.04 * position
-        )
+        click_logit = _summed(*self.logit_terms("ctr", user, item, day, position=position))
         p_click = _sigmoid(click_logit)
         clicked = rng.random(len(p_click)) < p_click
         # Purchase after a click shares the taste term with clicking (that is what a joint model can
         # exploit: cvr has ~20x fewer labels) and cares more about price and hidden quality.
-        purchase_logit = (
-            -3.9
-            + 0.55 * affinity
-            + 0.5 * self.quality[item]
-            + 0.6 * self.attr_effect[item]
-            - 0.5 * self.price_sensitivity[user] * self.log_price_z[item]
-            + 0.5 * self.click_bias[user]
-        )
+        purchase_logit = _summed(*self.logit_terms("cvr", user, item, day))
         p_purchase = _sigmoid(purchase_logit)
         p_cart = _sigmoid(purchase_logit + 1.3)
         carted = clicked & (rng.random(len(p_click)) < p_cart)
@@ -334,9 +373,17 @@ class _Shop:
 
         imp_ts = self.t0 + (day * SECONDS_PER_DAY + self.sess_sec[imp_sess] + 7 * position).astype("timedelta64[s]")
         self.feed = dict(
-            user=user, item=item, session=self.sess_id[imp_sess], position=position, ts=imp_ts,
-            p_click=p_click, clicked=clicked, p_purchase=p_purchase, carted=carted, purchased=purchased,
-        )  # fmt: skip
+            user=user,
+            item=item,
+            session=self.sess_id[imp_sess],
+            position=position,
+            ts=imp_ts,
+            p_click=p_click,
+            clicked=clicked,
+            p_purchase=p_purchase,
+            carted=carted,
+            purchased=purchased,
+        )
 
     def make_ads(self) -> None:
         s, rng = self.spec, self.rng
@@ -365,23 +412,14 @@ class _Shop:
             live = np.flatnonzero(self.ad_release <= d)
             ad[slots] = live[rng.integers(0, len(live), len(slots))]
         item = ad_item[ad]
-        # An ad sells its item: the item's appeal (hidden attributes, price for this user) moves ad clicks as
-        # it moves feed clicks; the copy's opener and the user's taste for ads come on top.
-        logit = (
-            -4.45
-            + 0.5 * self.affinity(user, item, day)
-            + self.ad_effect[ad]
-            + 0.5 * self.quality[item]
-            + self.attr_effect[item]
-            - 0.35 * self.price_sensitivity[user] * self.log_price_z[item]
-            + self.ad_bias[user]
-        )
+        logit = _summed(*self.logit_terms("ad_ctr", user, item, day, ad=ad))
         p_click = _sigmoid(logit)
         clicked = rng.random(len(p_click)) < p_click
         within = rng.integers(0, 300, len(imp_sess))
         ts = self.t0 + (day * SECONDS_PER_DAY + self.sess_sec[imp_sess] + within).astype("timedelta64[s]")
-        self.ads = dict(user=user, ad=ad, item=item, session=self.sess_id[imp_sess], ts=ts, p_click=p_click,
-                        clicked=clicked)  # fmt: skip
+        self.ads = dict(
+            user=user, ad=ad, item=item, session=self.sess_id[imp_sess], ts=ts, p_click=p_click, clicked=clicked
+        )
 
 
 def daily_session_rate(
@@ -575,282 +613,3 @@ def write_shop(engine: Engine, spec: ShopSpec, replace: bool = False) -> ShopSum
         "ad_ctr": float(shop.ads["clicked"].mean()) if len(shop.ads["clicked"]) else 0.0,
     }
     return summary
-
-
-def oracle_report(engine: Engine, churn_cutoff_day: int | None = None) -> dict[str, dict[str, float]]:
-    """Each task's label rate, example count and oracle AUC (true probability against the drawn label).
-
-    The oracle AUC is the best AUC any model could reach on these examples. Churn is scored at
-    ``churn_cutoff_day`` (default: 14 days before the end) over users active in the 28 days before it.
-    """
-    with engine.connect() as conn:
-        truth = pd.read_sql(select(wh.truth_events), conn)
-        behavior = pd.read_sql(
-            select(wh.behavior_events.c.event_id, wh.behavior_events.c.user_id, wh.behavior_events.c.event_type,
-                   wh.behavior_events.c.ts, wh.behavior_events.c.parent_event_id), conn,
-        )  # fmt: skip
-        ad_clicks = pd.read_sql(
-            select(wh.ad_events.c.parent_event_id).where(wh.ad_events.c.event_type == "ad_click"), conn
-        )
-        truth_users = pd.read_sql(select(wh.truth_users), conn)
-        facts = {k: json.loads(v) for k, v in conn.execute(select(wh.truth_shop.c.key, wh.truth_shop.c.value))}
-    by_type = {kind: frame for kind, frame in behavior.groupby("event_type")}
-    empty = pd.DataFrame(columns=behavior.columns)
-    clicked_impressions = set(by_type.get("click", empty)["parent_event_id"])
-    cart_of_click = by_type.get("add_to_cart", empty).set_index("event_id")["parent_event_id"]
-    purchased_clicks = set(cart_of_click.reindex(by_type.get("purchase", empty)["parent_event_id"]).dropna())
-    clicked_ads = set(ad_clicks["parent_event_id"])
-    labels = {"ctr": clicked_impressions, "cvr": purchased_clicks, "ad_ctr": clicked_ads}
-
-    report: dict[str, dict[str, float]] = {}
-    for task, positives in labels.items():
-        rows = truth[truth["task"] == task]
-        y = rows["event_id"].isin(positives).to_numpy()
-        report[task] = {"n": int(len(y)), "rate": float(y.mean()) if len(y) else float("nan"),
-                        "oracle_auc": roc_auc(y, rows["p_true"].to_numpy())}  # fmt: skip
-
-    start = pd.Timestamp(facts["start"])
-    cutoff = facts["days"] - CHURN_HORIZON_DAYS if churn_cutoff_day is None else churn_cutoff_day
-    active = behavior[["user_id"]].assign(day=(behavior["ts"] - start).dt.days).drop_duplicates()
-    before = set(active.loc[(active["day"] >= cutoff - 28) & (active["day"] < cutoff), "user_id"])
-    after = set(active.loc[(active["day"] >= cutoff) & (active["day"] < cutoff + CHURN_HORIZON_DAYS), "user_id"])
-    users = np.array(sorted(before))
-    y = np.array([u not in after for u in users], dtype=bool)
-    p = true_churn_probability(truth_users, cutoff).reindex(users).to_numpy()
-    report["churn"] = {"n": int(len(y)), "rate": float(y.mean()) if len(y) else float("nan"),
-                       "oracle_auc": roc_auc(y, p), "cutoff_day": int(cutoff)}  # fmt: skip
-    return report
-
-
-# Which truth answers which (sample space, label): the probability behind that label, or none.
-TRUTH_OF_LABEL = {("feed", "clicked"): "ctr", ("feed", "purchased"): "cvr", ("ads", "ad_clicked"): "ad_ctr",
-                  ("users", "churned"): "churn"}  # fmt: skip
-
-
-def true_probabilities(
-    engine: Engine,
-    sample_space: str,
-    label: str,
-    event_id: np.ndarray,
-    click_event_id: np.ndarray,
-    user_id: np.ndarray,
-    time: np.ndarray,
-) -> np.ndarray | None:
-    """The shop's true probability for each example of a task, or None where the shop has no truth for it.
-
-    Evaluation only. Feed click truth is keyed by the impression, purchase truth by the click, ad click
-    truth by the ad impression; churn truth is computed at each row's cut-off day.
-    """
-    kind = TRUTH_OF_LABEL.get((sample_space, label))
-    if kind is None:
-        return None
-    if not inspect(engine).has_table("truth_shop"):  # not a simulated warehouse
-        return None
-    with engine.connect() as conn:
-        facts = {k: json.loads(v) for k, v in conn.execute(select(wh.truth_shop.c.key, wh.truth_shop.c.value))}
-        if not facts:
-            return None
-        if kind == "churn":
-            truth_users = pd.read_sql(select(wh.truth_users), conn)
-            start = np.datetime64(facts["start"], "D")
-            days = ((np.asarray(time).astype("datetime64[D]") - start) // np.timedelta64(1, "D")).astype(int)
-            out = np.full(len(days), np.nan)
-            for day in np.unique(days):
-                p = true_churn_probability(truth_users, int(day))
-                out[days == day] = p.reindex(np.asarray(user_id)[days == day]).to_numpy()
-            return out
-        truth = pd.read_sql(
-            select(wh.truth_events.c.event_id, wh.truth_events.c.p_true).where(wh.truth_events.c.task == kind), conn
-        ).set_index("event_id")["p_true"]
-    keys = click_event_id if kind == "cvr" else event_id
-    return truth.reindex(np.asarray(keys)).to_numpy()
-
-
-# ---- deliberate corruption: validation tests and the demo -------------------------------------------------
-# kind -> what it does to the rows of [start, end) and which check of mtl_core.quality.suites catches it. Each is a
-# failure seen in real pipelines, done the way it would really reach the warehouse.
-CORRUPTION_KINDS: dict[str, str] = {
-    "null_ids": "a migration dropped NOT NULL on behavior_events.user_id and a producer then wrote NULL user ids "
-    "for 2 % of the interval's events (the schema forbids NULL, so the constraint is relaxed first: on SQLite by "
-    "rebuilding the table, on PostgreSQL by ALTER COLUMN ... DROP NOT NULL)",
-    "bad_event_types": "a client release logs 'clik' instead of 'click' for 5 % of the interval's clicks",
-    "negative_prices": "a currency conversion flips the sign of the price of the items created in the interval "
-    "(or, when none were, of the five newest items)",
-    "duplicate_events": "an at-least-once producer re-sends 3 % of the interval's behaviour events under new "
-    "event ids (same user, item, type, time, session and parent); the primary key cannot catch it",
-    "volume_collapse": "90 % of the interval's behaviour and ad events are lost (a collector was down)",
-    "bad_titles": "the catalogue import writes empty titles for the items created in the interval (or, when none "
-    "were, the five newest items)",
-    "label_leak": "a backfill writes the click outcome into position: 1 for clicked impressions, 0 otherwise",
-    "lost_clicks": "click tracking breaks: every click event of the interval is missing",
-}
-CAUGHT_BY = {
-    "null_ids": "behavior_events.user_id expect_column_values_to_not_be_null",
-    "bad_event_types": "behavior_events.event_type expect_column_values_to_be_in_set",
-    "negative_prices": "items.price expect_column_values_to_be_between",
-    "duplicate_events": "behavior_events expect_compound_columns_to_be_unique",
-    "volume_collapse": "expect_table_row_count_to_be_between against the previous snapshot",
-    "bad_titles": "items.title expect_column_value_lengths_to_be_between",
-    "label_leak": "behavior_events.position expect_no_label_leakage",
-    "lost_clicks": "behavior_events expect_label_rate_to_be_between (ctr)",
-}
-
-
-def corrupt_interval(
-    engine: Engine,
-    start: str | datetime,
-    end: str | datetime,
-    kinds: tuple[str, ...] = ("null_ids", "bad_event_types", "negative_prices", "duplicate_events", "volume_collapse"),
-    seed: int = 0,
-) -> dict:
-    """Damage the warehouse rows of [start, end) on purpose, so validation can be shown to stop the run.
-
-    ``kinds`` are applied in the given order (see CORRUPTION_KINDS for each); returns, per kind, the table and
-    column touched, how many rows, what was done and which check should catch it. Deterministic given the
-    seed. Only for test and demo warehouses: the damage is not undone.
-    """
-    from sqlalchemy import func
-
-    from mtl_core.data.extract import parse_instant
-
-    unknown = [kind for kind in kinds if kind not in CORRUPTION_KINDS]
-    if unknown:
-        raise ValueError(f"unknown corruption kind(s) {unknown}; known: {', '.join(CORRUPTION_KINDS)}")
-    start_at, end_at = parse_instant(start, "start"), parse_instant(end, "end")
-    rng = np.random.default_rng(seed)
-    done: dict[str, dict] = {}
-    be, items = wh.behavior_events, wh.items
-    with engine.begin() as conn:
-        for kind in kinds:
-            touched: dict = {"table": "behavior_events", "column": None}
-            if kind == "null_ids":
-                _relax_not_null(conn, be, "user_id")
-                ids = _share(rng, _interval_ids(conn, be, start_at, end_at), 0.02)
-                rows = _update_ids(conn, be, ids, {"user_id": None})
-                touched["column"] = "user_id"
-            elif kind == "bad_event_types":
-                clicks = _interval_ids(conn, be, start_at, end_at, be.c.event_type == "click")
-                ids = _share(rng, clicks if len(clicks) else _interval_ids(conn, be, start_at, end_at), 0.05)
-                rows = _update_ids(conn, be, ids, {"event_type": "clik"})
-                touched["column"] = "event_type"
-            elif kind == "negative_prices":
-                ids = _new_items(conn, start_at, end_at, items.c.price.is_not(None))
-                rows = _update_ids(conn, items, ids, {"price": -func.abs(items.c.price)}, key="item_id")
-                touched.update(table="items", column="price")
-            elif kind == "bad_titles":
-                ids = _new_items(conn, start_at, end_at, items.c.title.is_not(None))
-                rows = _update_ids(conn, items, ids, {"title": ""}, key="item_id")
-                touched.update(table="items", column="title")
-            elif kind == "duplicate_events":
-                ids = _share(rng, _interval_ids(conn, be, start_at, end_at), 0.03)
-                rows = _resend(conn, ids)
-            elif kind == "volume_collapse":
-                rows = 0
-                for table in (be, wh.ad_events):
-                    ids = _share(rng, _interval_ids(conn, table, start_at, end_at), 0.9)
-                    rows += _delete_ids(conn, table, ids)
-                touched["table"] = "behavior_events, ad_events"
-            elif kind == "label_leak":
-                rows = _leak_click_into_position(conn, start_at, end_at)
-                touched["column"] = "position"
-            else:  # lost_clicks
-                rows = _delete_ids(conn, be, _interval_ids(conn, be, start_at, end_at, be.c.event_type == "click"))
-                touched["column"] = "event_type"
-            done[kind] = {**touched, "rows": int(rows), "what": CORRUPTION_KINDS[kind], "caught_by": CAUGHT_BY[kind]}
-    return done
-
-
-def _interval_ids(conn, table, start: datetime, end: datetime, where=None) -> np.ndarray:
-    stmt = select(table.c.event_id).where(table.c.ts >= start, table.c.ts < end)
-    if where is not None:
-        stmt = stmt.where(where)
-    return np.asarray(conn.execute(stmt.order_by(table.c.event_id)).scalars().all(), dtype=np.int64)
-
-
-def _share(rng: np.random.Generator, ids: np.ndarray, share: float) -> np.ndarray:
-    """A random ``share`` of ``ids`` (at least one when there are any), in id order."""
-    if len(ids) == 0:
-        return ids
-    count = max(1, int(round(share * len(ids))))
-    return np.sort(rng.choice(ids, size=min(count, len(ids)), replace=False))
-
-
-def _id_chunks(ids: np.ndarray, size: int = 5_000):
-    # SQLite limits the number of bound parameters of one statement.
-    for begin in range(0, len(ids), size):
-        yield [int(i) for i in ids[begin : begin + size]]
-
-
-def _update_ids(conn, table, ids: np.ndarray, values: dict, key: str = "event_id") -> int:
-    from sqlalchemy import update
-
-    rows = 0
-    for chunk in _id_chunks(ids):
-        rows += conn.execute(update(table).where(table.c[key].in_(chunk)).values(**values)).rowcount
-    return rows
-
-
-def _delete_ids(conn, table, ids: np.ndarray) -> int:
-    rows = 0
-    for chunk in _id_chunks(ids):
-        rows += conn.execute(delete(table).where(table.c.event_id.in_(chunk))).rowcount
-    return rows
-
-
-def _new_items(conn, start: datetime, end: datetime, where) -> np.ndarray:
-    """Items created in the interval, or the five newest before its end when none were."""
-    items = wh.items
-    created = select(items.c.item_id).where(where, items.c.created_ts >= start, items.c.created_ts < end)
-    ids = conn.execute(created).scalars().all()
-    if not ids:
-        newest = select(items.c.item_id).where(where, items.c.created_ts < end).order_by(items.c.created_ts.desc())
-        ids = conn.execute(newest.limit(5)).scalars().all()
-    return np.asarray(sorted(ids), dtype=np.int64)
-
-
-def _resend(conn, ids: np.ndarray) -> int:
-    """Insert copies of the given behaviour events under fresh event ids (a producer's retry)."""
-    from sqlalchemy import func
-
-    be = wh.behavior_events
-    next_id = int(conn.execute(select(func.max(be.c.event_id))).scalar_one() or 0) + 1
-    rows = []
-    for chunk in _id_chunks(ids):
-        rows += [dict(row) for row in conn.execute(select(be).where(be.c.event_id.in_(chunk))).mappings()]
-    for offset, row in enumerate(rows):
-        row["event_id"] = next_id + offset
-    if rows:
-        conn.execute(be.insert(), rows)
-    return len(rows)
-
-
-def _leak_click_into_position(conn, start: datetime, end: datetime) -> int:
-    from sqlalchemy import case, update
-
-    be = wh.behavior_events
-    clicked = select(be.c.parent_event_id).where(be.c.event_type == "click", be.c.parent_event_id.is_not(None))
-    stmt = (
-        update(be)
-        .where(be.c.event_type == "impression", be.c.ts >= start, be.c.ts < end)
-        .values(position=case((be.c.event_id.in_(clicked.scalar_subquery()), 1), else_=0))
-    )
-    return conn.execute(stmt).rowcount
-
-
-def _relax_not_null(conn, table, column: str) -> None:
-    """Drop NOT NULL from one column, as a careless migration would (SQLite cannot ALTER a column: rebuild)."""
-    from sqlalchemy import MetaData, text
-
-    if conn.dialect.name == "postgresql":
-        conn.execute(text(f"ALTER TABLE {table.name} ALTER COLUMN {column} DROP NOT NULL"))
-        return
-    relaxed = table.to_metadata(MetaData())
-    relaxed.c[column].nullable = True
-    old = f"{table.name}__before_corruption"
-    for index in table.indexes:
-        conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
-    conn.execute(text(f"ALTER TABLE {table.name} RENAME TO {old}"))
-    relaxed.create(conn)
-    names = ", ".join(c.name for c in table.columns)
-    conn.execute(text(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {old}"))
-    conn.execute(text(f"DROP TABLE {old}"))

@@ -5,7 +5,7 @@ naive datetimes that mean UTC. Event ids are unique across the whole table (simu
 1; imported events get a stable hash of their content so a re-import cannot duplicate them).
 
 The ``truth_*`` tables hold what the synthetic shop knows and a model must not: the probability behind
-every drawn label. Only the simulator writes them and only evaluation reads them.
+every drawn label. Only the shop (data/shop.py) writes them and only the judge (judge/oracle.py) reads them.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ truth_users = Table(
     "truth_users",
     metadata,
     # Daily session rate lambda(d) = base_rate * (floor + (1 - floor) * exp(-decay * (d - signup_day))), so
-    # the true probability of no activity in [c, c+14) is exp(-sum lambda); see simulate.true_churn_probability.
+    # the true probability of no activity in [c, c+14) is exp(-sum lambda); see shop.true_churn_probability.
     Column("user_id", BigInteger, primary_key=True, autoincrement=False),
     Column("signup_day", Integer, nullable=False),
     Column("base_rate", Float, nullable=False),
@@ -123,10 +123,6 @@ EVENT_TABLES = ("behavior_events", "ad_events")
 DIMENSION_TABLES = ("users", "items")
 SOURCE_TABLES = DIMENSION_TABLES + EVENT_TABLES
 TRUTH_TABLES = ("truth_events", "truth_users", "truth_shop")
-
-
-def default_url(data_dir: Path) -> str:
-    return f"sqlite:///{(Path(data_dir) / 'warehouse.db').resolve()}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

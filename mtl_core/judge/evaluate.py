@@ -157,7 +157,10 @@ def compare_models(
 
 
 def holdout_predictions(
-    model_dir: str | Path, snapshot_dir: str | Path | None = None, split: str = "holdout", examples: Examples | None = None
+    model_dir: str | Path,
+    snapshot_dir: str | Path | None = None,
+    split: str = "holdout",
+    examples: Examples | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(labels, probabilities) per task of a model on a split: the input of the ROC and calibration plots."""
     model = load_model(model_dir)

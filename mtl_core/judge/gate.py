@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 class GateError(MtlError):
     """The gate could not decide or record its decision; the message says what is missing."""
 
@@ -87,9 +86,16 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
     floor = (settings.floors or {}).get(task.name, task.floor)
     challenger, champion, auc_delta = _entry(comparison, task.name)
     row: dict[str, Any] = {
-        "challenger_auc": None, "champion_auc": None, "delta": None, "low": None, "high": None,
-        "floor": floor, "mode": "missing", "passed": False, "why": "",
-    }  # fmt: skip
+        "challenger_auc": None,
+        "champion_auc": None,
+        "delta": None,
+        "low": None,
+        "high": None,
+        "floor": floor,
+        "mode": "missing",
+        "passed": False,
+        "why": "",
+    }
     if challenger is None:
         row["why"] = f"{task.name}: no holdout examples, so the challenger could not be scored"
         return row
@@ -104,7 +110,9 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
         # Without a champion only the absolute floor protects the product: a first model must be useful.
         row["passed"] = ours >= floor
         verb = "reaches" if row["passed"] else "is below"
-        row["why"] = f"{task.name}: AUC {fmt_metric(ours)} {verb} its floor {fmt_metric(floor)} (no champion to compare)"
+        row["why"] = (
+            f"{task.name}: AUC {fmt_metric(ours)} {verb} its floor {fmt_metric(floor)} (no champion to compare)"
+        )
         return row
 
     theirs = _num(champion.get("auc"))
@@ -120,14 +128,16 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
     # Strict: an equal AUC is no reason to swap models (every swap carries risk of its own).
     if not row["delta"] > settings.min_delta:
         need = f"must exceed {fmt_metric(settings.min_delta, signed=True)}" if settings.min_delta else "must be above 0"
-        failures.append(f"AUC {fmt_metric(ours)} vs champion {fmt_metric(theirs)} (delta {fmt_metric(row['delta'], True)}, {need})")
+        failures.append(
+            f"AUC {fmt_metric(ours)} vs champion {fmt_metric(theirs)} (delta {fmt_metric(row['delta'], True)}, {need})"
+        )
     if settings.require_significance:
         if row["low"] is None:
             failures.append("no bootstrap interval of the AUC difference to test significance")
         elif not row["low"] > 0:
             failures.append(
-                f"AUC gain not significant: 95% interval [{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}] "
-                "reaches 0"
+                "AUC gain not significant: 95% interval "
+                f"[{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}] reaches 0"
             )
     for metric, limit in (("logloss", settings.max_logloss_increase), ("ece", settings.max_ece_increase)):
         if limit is None:
@@ -138,16 +148,21 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
             continue
         row[f"{metric}_increase"] = a - b
         if a - b > limit:
-            failures.append(f"{metric} worse by {a - b:.4f} ({fmt_metric(b)} -> {fmt_metric(a)}), more than the {limit:g} allowed")
+            failures.append(
+                f"{metric} worse by {a - b:.4f} ({fmt_metric(b)} -> {fmt_metric(a)}), more than the {limit:g} allowed"
+            )
     row["passed"] = not failures
     if failures:
         row["why"] = f"{task.name}: " + "; ".join(failures)
     else:
         extra = (
-            f", 95% interval [{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}]" if row["low"] is not None else ""
+            f", 95% interval [{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}]"
+            if row["low"] is not None
+            else ""
         )
         row["why"] = (
-            f"{task.name}: AUC {fmt_metric(ours)} vs champion {fmt_metric(theirs)} (delta {fmt_metric(row['delta'], True)}{extra})"
+            f"{task.name}: AUC {fmt_metric(ours)} vs champion {fmt_metric(theirs)} "
+            f"(delta {fmt_metric(row['delta'], True)}{extra})"
         )
     return row
 
@@ -165,23 +180,32 @@ def decide(comparison: dict[str, Any], tasks: list[TaskSpec], settings: GateSett
     # A task without holdout examples fails on its own; it says nothing about which rule applied.
     modes = {row["mode"] for row in per_task.values()} - {"missing"} or {"champion"}
     rule = {
-        "name": "every_task_beats_champion" if modes == {"champion"} else
-                "every_task_clears_floor" if modes == {"floor"} else "every_task_beats_champion_or_floor",
+        "name": "every_task_beats_champion"
+        if modes == {"champion"}
+        else "every_task_clears_floor"
+        if modes == {"floor"}
+        else "every_task_beats_champion_or_floor",
         "metric": "auc",
         "comparison": "challenger_auc > champion_auc + min_delta (strict), on the same holdout",
         "split": comparison.get("split", "holdout"),
         "tasks": [task.name for task in tasks],
         **settings.model_dump(),
         "floors": {name: row["floor"] for name, row in per_task.items()},
-    }  # fmt: skip
+    }
     failed = [row for row in per_task.values() if not row["passed"]]
     if failed:
         reason = f"rejected: {len(failed)} of {len(per_task)} task(s) failed: " + "; ".join(r["why"] for r in failed)
         verdict: Literal["promote", "reject"] = "reject"
     else:
-        lead = "every task beats the champion" if modes == {"champion"} else (
-            "no champion yet and every task reaches its floor" if modes == {"floor"}
-            else "every task beats the champion or, where it has none, reaches its floor")  # fmt: skip
+        lead = (
+            "every task beats the champion"
+            if modes == {"champion"}
+            else (
+                "no champion yet and every task reaches its floor"
+                if modes == {"floor"}
+                else "every task beats the champion or, where it has none, reaches its floor"
+            )
+        )
         reason = f"promoted: {lead}: " + "; ".join(r["why"] for r in per_task.values())
         verdict = "promote"
     return Decision(verdict=verdict, reason=reason, per_task=per_task, rule=rule)

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     pass
 
+
 @dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]
@@ -113,9 +114,9 @@ class TaskSampler:
 def predict(model: MultiTaskModel, data: TensorData, rows: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     """Probabilities [len(rows), T] (each task's own head; cvr is p(buy | click))."""
     model.eval()
-    out = [torch.sigmoid(model(b.inputs, b.text, b.text_tokens)) for b in (data.batch(rows[i : i + batch_size])
-                                                             for i in range(0, len(rows), batch_size))]  # fmt: skip
+    out = [
+        torch.sigmoid(model(b.inputs, b.text, b.text_tokens))
+        for b in (data.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+    ]
     model.train()
     return torch.cat(out).numpy() if out else np.zeros((0, len(model.task_names)), dtype=np.float32)
-
-

@@ -34,6 +34,8 @@ FEATURES_FILE = "features.json"
 SETTINGS_FILE = "settings.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
 # --------------------------------------------------------------------------------------------------
 # Model directory: weights, feature space, settings, validation metrics.
 @dataclass
@@ -52,19 +54,29 @@ class LoadedModel:
         return predict(self.model, TensorData(examples, self.space, texts), rows)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Scoring request (see ``features.examples_frame``) -> one probability column per task."""
+        """Scoring request (see ``learn.examples.examples_frame``) -> one probability column per task."""
         examples = frame_examples(frame, self.task_names)
         probs = self.predict(examples, np.arange(len(frame)))
         return pd.DataFrame(probs, columns=self.task_names, index=frame.index)
 
 
-def save_model(out: Path, model: MultiTaskModel, space: FeatureSpace, settings: Settings, tasks: list[TaskSpec],
-               metrics: dict[str, Any]) -> None:  # fmt: skip
+def save_model(
+    out: Path,
+    model: MultiTaskModel,
+    space: FeatureSpace,
+    settings: Settings,
+    tasks: list[TaskSpec],
+    metrics: dict[str, Any],
+) -> None:
     torch.save(
-        {"state_dict": model.state_dict(), "task_names": model.task_names, "vocab_sizes": space.sizes(),
-         "text_in": model.inputs.text_in},
+        {
+            "state_dict": model.state_dict(),
+            "task_names": model.task_names,
+            "vocab_sizes": space.sizes(),
+            "text_in": model.inputs.text_in,
+        },
         out / MODEL_FILE,
-    )  # fmt: skip
+    )
     space.save(out / FEATURES_FILE)
     stored = settings.model_copy(update={"tasks": tasks})
     (out / SETTINGS_FILE).write_text(stored.model_dump_json(indent=2))
@@ -87,23 +99,28 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
     space = FeatureSpace.load(path / FEATURES_FILE)
     encoder = finetuned_encoder(settings)
     model = build_model(
-        stored["vocab_sizes"], stored["task_names"], settings.model, stored["text_in"], stored["text_in"] > 0, encoder,
+        stored["vocab_sizes"],
+        stored["task_names"],
+        settings.model,
+        stored["text_in"],
+        stored["text_in"] > 0,
+        encoder,
         word_pooling=uses_word_vectors(settings),
-    )  # fmt: skip
+    )
     model.load_state_dict(stored["state_dict"])
     model.eval()
     return LoadedModel(
-        model=model, space=space, settings=settings, task_names=stored["task_names"], text_in=stored["text_in"],
+        model=model,
+        space=space,
+        settings=settings,
+        task_names=stored["task_names"],
+        text_in=stored["text_in"],
         cache_dir=Path(cache_dir) if cache_dir else settings.data_dir / "text_cache",
-    )  # fmt: skip
-def save_checkpoint(path: Path, model, optimizer, scheduler, weighting, sampler, step, best_value, best_step,
-                     best_state, best_metrics, stale, history) -> None:  # fmt: skip
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "weighting": weighting.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-        "step": step, "best_value": best_value, "best_step": best_step, "best_state": best_state,
-        "best_metrics": best_metrics, "stale": stale, "history": history,
-    }  # fmt: skip
+    )
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """The training loop's whole state (weights, optimiser, sampler, best so far), replaced atomically."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

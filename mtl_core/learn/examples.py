@@ -550,7 +550,6 @@ def split_summary(examples: Examples) -> dict[str, dict[str, int]]:
     return summary
 
 
-
 # --- the example set on disk: built once per run, read by training, evaluation and registration ---------
 EXAMPLES_FILE = "examples.parquet"
 TEXTS_FILE = "texts.parquet"
@@ -602,7 +601,9 @@ def load_examples(directory: str | Path) -> Examples:
     """The examples ``save_examples`` wrote."""
     path = Path(directory)
     if not (path / EXAMPLES_META).is_file():
-        raise FeatureError(f"{path} holds no example set: {EXAMPLES_META} is missing (the build_features step writes it)")
+        raise FeatureError(
+            f"{path} holds no example set: {EXAMPLES_META} is missing (the build_features step writes it)"
+        )
     meta = json.loads((path / EXAMPLES_META).read_text())
     table = pq.read_table(path / EXAMPLES_FILE)
     raw = {}
@@ -633,6 +634,7 @@ def load_examples(directory: str | Path) -> Examples:
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
+
 
 __all__ = [
     "CATEGORICAL",

@@ -535,9 +535,7 @@ def text_matrix(
     return np.vstack([np.zeros((1, dim), dtype=np.float32), np.asarray(vectors, dtype=np.float32)])
 
 
-def _word_matrix(
-    texts: list[str], settings: Settings, cache: EmbeddingCache, dim: int, progress: bool
-) -> np.ndarray:
+def _word_matrix(texts: list[str], settings: Settings, cache: EmbeddingCache, dim: int, progress: bool) -> np.ndarray:
     """[len(texts) + 1, max_words, dim]: each distinct word's vector from the cache, zero rows as padding."""
     limit = settings.text.max_words
     words = [split_words(text) for text in texts]
@@ -545,8 +543,13 @@ def _word_matrix(
     if longer:
         log.warning(
             "%d of %d texts have more than text.max_words = %d words (the longest %d); the words after the %dth "
-            "are ignored", len(longer), len(texts), limit, max(map(len, longer)), limit,
-        )  # fmt: skip
+            "are ignored",
+            len(longer),
+            len(texts),
+            limit,
+            max(map(len, longer)),
+            limit,
+        )
         words = [text_words[:limit] for text_words in words]
     vocabulary = sorted({word for text_words in words for word in text_words})
     word_vectors = np.asarray(
@@ -571,5 +574,3 @@ def finetuned_encoder(settings: Settings) -> torch.nn.Module | None:
         return None
     t = settings.text
     return TextEncoder(t.model_path or None, max_length=t.max_length, finetune=t.finetune, top_k=t.top_k)
-
-

@@ -2,8 +2,8 @@
 
 The loop, in one sitting:
 
-1. Take the examples (built once per run from the snapshot) and fit (or, for a warm start, extend) the feature space on the
-   training split. Text embeddings come from the on-disk cache (each distinct text encoded once).
+1. Take the examples (built once per run from the snapshot) and fit (or, for a warm start, extend) the
+   feature space on the training split. Text embeddings come from the on-disk cache (each distinct text encoded once).
 2. Every step draws one batch from all tasks' training rows (proportional or temperature sampling, so a
    small task is not drowned by the feed), computes each task's loss on the rows drawn for it, adds the
    ESMM and cross-task residual terms, and lets the task weighting strategy turn that into gradients.
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     pass
+
 
 def _schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):
     def factor(step: int) -> float:
@@ -225,9 +226,14 @@ def train_model(
         data = TensorData(examples, space, texts)
         text_in = texts.shape[-1] if texts is not None else 0
     model = build_model(
-        space.sizes(), examples.task_names, settings.model, text_in, settings.text.enabled, encoder,
+        space.sizes(),
+        examples.task_names,
+        settings.model,
+        text_in,
+        settings.text.enabled,
+        encoder,
         word_pooling=uses_word_vectors(settings),
-    )  # fmt: skip
+    )
     if previous is not None:
         _warm_start(model, previous.model)
         model.reset_transfer_blend()  # the blend belongs to the earlier model's heads; refit after training
@@ -239,8 +245,11 @@ def train_model(
         and (previous.model.inputs.word_layer is None) == (model.inputs.word_layer is None)
     )
     if settings.text.enabled and not same_text_form:
-        initial = data.texts if encoder is None else torch.from_numpy(
-            text_matrix(examples.texts, settings, cache_dir, False, encoder))  # fmt: skip
+        initial = (
+            data.texts
+            if encoder is None
+            else torch.from_numpy(text_matrix(examples.texts, settings, cache_dir, False, encoder))
+        )
         model.inputs.set_text_statistics(initial[1:])
 
     task_rows = [examples.task_rows(t, "train") for t in range(len(tasks))]
@@ -313,15 +322,35 @@ def train_model(
             scoring = scoring_data()
             metrics = evaluate_split(model, scoring, examples, "valid")
             value = criterion_value(metrics, cfg.early_stopping_metric)
-            history.append({"step": step, "criterion": value, "train_loss": dict(zip(examples.task_names,
-                            map(float, running), strict=True)), "valid": metrics})  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "criterion": value,
+                    "train_loss": dict(zip(examples.task_names, map(float, running), strict=True)),
+                    "valid": metrics,
+                }
+            )
             if value > best_value:
                 best_value, best_step, best_metrics, stale = value, step, metrics, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, weighting, sampler, step, best_value,
-                             best_step, best_state, best_metrics, stale, history)  # fmt: skip
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "weighting": weighting.state_dict(),
+                "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "best_value": best_value,
+                "best_step": best_step,
+                "best_state": best_state,
+                "best_metrics": best_metrics,
+                "stale": stale,
+                "history": history,
+            }
+            save_checkpoint(checkpoint_path, state)
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -332,9 +361,14 @@ def train_model(
     save_model(out, model, space, settings, tasks, best_metrics)
     checkpoint_path.unlink(missing_ok=True)
     return TrainResult(
-        model_dir=out, metrics=best_metrics, best_step=best_step, steps=step,
-        seconds=time.perf_counter() - began, history=history, examples=counts,
-    )  # fmt: skip
+        model_dir=out,
+        metrics=best_metrics,
+        best_step=best_step,
+        steps=step,
+        seconds=time.perf_counter() - began,
+        history=history,
+        examples=counts,
+    )
 
 
 def _subset_tasks(examples: Examples, names: list[str]) -> Examples:
@@ -357,5 +391,3 @@ def _warm_start(model: MultiTaskModel, previous: MultiTaskModel) -> None:
             grown[: source.shape[0]] = source
             new[name] = grown
     model.load_state_dict(new)
-
-

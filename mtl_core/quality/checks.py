@@ -18,6 +18,8 @@ LEAKAGE_SAMPLE_ROWS = 200_000
 ID_COLUMNS = frozenset({"event_id", "parent_event_id", "user_id", "item_id", "ad_id", "session_id"})
 SAMPLE_VALUES = 5  # sample values reported per failing expectation or check
 WILSON_Z = 2.576  # two-sided 99 %
+
+
 @dataclass(frozen=True)
 class LabelRate:
     """A label rate (numerator events / denominator events of one table) and its plausible bounds."""
@@ -316,5 +318,3 @@ def check_failures(checks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def _rate_parts(task: str) -> tuple[str, str]:
     rate = next(r for r in LABEL_RATES if r.task == task)
     return rate.numerator, rate.denominator
-
-

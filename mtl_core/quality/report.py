@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from mtl_core.errors import MtlError
+from mtl_core.jsonable import to_jsonable
 
 VALIDATION_DIR = "validation"
 RESULT_FILE = "result.json"
 REPORT_FILE = "report.html"
 DATA_DOCS_DIR = "data_docs"
+
+
 @dataclass
 class ValidationReport:
     """Everything one validation found. ``summary()`` is the JSON-ready form (CLI --json, Airflow XCom)."""
@@ -74,7 +77,7 @@ class ValidationFailed(MtlError):
 
 # ---- messages -------------------------------------------------------------------------------------------
 def _samples(values: list[Any]) -> str:
-    return json.dumps(values, default=str, ensure_ascii=False)
+    return json.dumps(to_jsonable(values), ensure_ascii=False)
 
 
 def failure_line(failure: Mapping[str, Any]) -> str:

@@ -40,7 +40,7 @@ Whole-snapshot checks (here, in pandas: GX has no expectation spanning tables or
   20 clicks and no purchase is not called broken while a million impressions without a click is. A rate
   whose denominator is zero is skipped with a note (imported Taobao logs have no impressions and no ads).
 * ``expect_no_label_leakage``: on a sample of feed impressions (and of ad impressions) the click label is
-  computed the way features.py computes it, from parent links (an impression is clicked when a click names
+  computed the way learn/examples.py computes it, from parent links (an impression is clicked when a click names
   it as parent). Every other column of the table, except ids, must not predict that label perfectly: not
   equal to it, not null exactly on clicked (or unclicked) rows, not separating clicked from unclicked rows
   by a threshold, and not pure per value (values seen at least twice cover 90 % of the rows and each is
@@ -434,7 +434,7 @@ def _write_outputs(report: ValidationReport, context: Any, staging: Path, data_d
             report.notes.append(f"GX Data Docs were not built: {exc.__class__.__name__}: {exc}")
     report.seconds = time.perf_counter() - began
     payload = {"summary": report.summary(), "gx_results": report.gx_results}
-    (staging / RESULT_FILE).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (staging / RESULT_FILE).write_text(json.dumps(to_jsonable(payload), indent=1) + "\n")
     (staging / REPORT_FILE).write_text(html_report(report))
     replace_dir(staging, final)
 
@@ -445,5 +445,3 @@ def run_validation(snapshot_dir: str | Path, previous_snapshot_dir: str | Path |
     if not report.success:
         raise ValidationFailed(report)
     return report.summary()
-
-

@@ -18,7 +18,7 @@ import os
 # every module of this package imports mlflow after this line has run.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from mtl_core.registry.aliases import CHALLENGER, CHAMPION, PREVIOUS, current_alias, promote, rollback  # noqa: E402
+from mtl_core.registry.aliases import CHALLENGER, CHAMPION, PREVIOUS, current_alias, make_champion, rollback  # noqa: E402
 from mtl_core.registry.decisions import record_decision  # noqa: E402
 from mtl_core.registry.pyfunc import champion_model_dir, log_and_register_model  # noqa: E402
 from mtl_core.registry.runs import RUN_KEY_TAG, finish_run, log_training, run_for_key  # noqa: E402
@@ -39,7 +39,7 @@ __all__ = [
     "format_status",
     "log_and_register_model",
     "log_training",
-    "promote",
+    "make_champion",
     "record_decision",
     "rollback",
     "run_for_key",

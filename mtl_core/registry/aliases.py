@@ -19,6 +19,8 @@ from mtl_core.registry.store import (
 )
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
 def current_alias(client: MlflowClient, model_name: str, alias: str) -> int | None:
     """The version holding ``alias``, or None (also when the model is not registered yet).
 
@@ -66,14 +68,19 @@ def _now() -> str:
 
 def _stamp(client: MlflowClient, model_name: str, version: int, kind: str, actor: str, why: str, replaced) -> str:
     at = _now()
-    tags = {"promotion.by": actor, "promotion.why": why, "promotion.at": at, "promotion.kind": kind,
-            "promotion.replaced": str(replaced) if replaced is not None else "none"}  # fmt: skip
+    tags = {
+        "promotion.by": actor,
+        "promotion.why": why,
+        "promotion.at": at,
+        "promotion.kind": kind,
+        "promotion.replaced": str(replaced) if replaced is not None else "none",
+    }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, str(version), key, value)
     return at
 
 
-def promote(client: MlflowClient, model_name: str, version: int | str, actor: str, why: str) -> dict[str, Any]:
+def make_champion(client: MlflowClient, model_name: str, version: int | str, actor: str, why: str) -> dict[str, Any]:
     """Make ``version`` the champion; the champion it replaces becomes ``previous``.
 
     ``previous`` is moved first: should the process die between the two writes, both aliases name the old
@@ -84,8 +91,12 @@ def promote(client: MlflowClient, model_name: str, version: int | str, actor: st
         target = int(require_version(client, model_name, version).version)
         old = current_alias(client, model_name, CHAMPION)
         if old == target:
-            return {"model": model_name, "champion": target, "previous": current_alias(client, model_name, PREVIOUS),
-                    "changed": False}  # fmt: skip
+            return {
+                "model": model_name,
+                "champion": target,
+                "previous": current_alias(client, model_name, PREVIOUS),
+                "changed": False,
+            }
         if old is not None:
             client.set_registered_model_alias(model_name, PREVIOUS, str(old))
         client.set_registered_model_alias(model_name, CHAMPION, str(target))
@@ -110,5 +121,3 @@ def rollback(client: MlflowClient, model_name: str, actor: str, why: str) -> dic
             client.set_registered_model_alias(model_name, PREVIOUS, str(current))
         at = _stamp(client, model_name, back, "rollback", actor, why, current)
         return {"model": model_name, "champion": back, "previous": current, "changed": current != back, "at": at}
-
-

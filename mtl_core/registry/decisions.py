@@ -33,10 +33,13 @@ def describe(decision: Decision, version: int | str, champion_version: int | str
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in decision.per_task.items():
-        interval = f"[{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}]" if row["low"] is not None else "n/a"
+        interval = (
+            f"[{fmt_metric(row['low'], True)}, {fmt_metric(row['high'], True)}]" if row["low"] is not None else "n/a"
+        )
         lines.append(
-            f"| {name} | {fmt_metric(row['challenger_auc'])} | {fmt_metric(row['champion_auc'])} | {fmt_metric(row['delta'], True)} "
-            f"| {interval} | {fmt_metric(row['floor'])} | {'yes' if row['passed'] else 'NO'} |"
+            f"| {name} | {fmt_metric(row['challenger_auc'])} | {fmt_metric(row['champion_auc'])} "
+            f"| {fmt_metric(row['delta'], True)} | {interval} | {fmt_metric(row['floor'])} "
+            f"| {'yes' if row['passed'] else 'NO'} |"
         )
     return "\n".join(lines)
 

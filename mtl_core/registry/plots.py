@@ -72,13 +72,16 @@ def plot_roc_and_calibration(
         top = float(max(mean_pred.max(initial=0), observed.max(initial=0), 1e-3)) * 1.05
         ax.plot([0, top], [0, top], linestyle="--", color="grey", linewidth=0.8)
         ax.plot(mean_pred, observed, marker="o", label=f"ECE {expected_calibration_error(labels, probs):.4f}")
-        ax.set(xlabel="mean predicted probability", ylabel="observed rate", title=f"Calibration: {task}",
-               xlim=(0, top), ylim=(0, top))  # fmt: skip
+        ax.set(
+            xlabel="mean predicted probability",
+            ylabel="observed rate",
+            title=f"Calibration: {task}",
+            xlim=(0, top),
+            ylim=(0, top),
+        )
         ax.legend(loc="upper left")
         fig.tight_layout()
         path = out / f"calibration_{task}.png"
         fig.savefig(path, dpi=90)
         written.append(path)
     return written
-
-

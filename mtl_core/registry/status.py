@@ -84,8 +84,10 @@ def format_status(state: dict[str, Any]) -> str:
         lines.append(head)
         promo = info.get("promotion") or {}
         if promo:
-            lines.append(f"             {promo.get('kind', 'promote')} at {promo.get('at')} by {promo.get('by')}: "
-                         f"{promo.get('why')}")  # fmt: skip
+            lines.append(
+                f"             {promo.get('kind', 'promote')} at {promo.get('at')} by {promo.get('by')}: "
+                f"{promo.get('why')}"
+            )
         gate = info.get("gate") or {}
         if gate.get("verdict"):
             lines.append(f"             gate: {gate['verdict']} ({gate.get('decided_at')}): {gate.get('reason')}")

@@ -72,7 +72,7 @@ def configure(tracking_uri: str) -> MlflowClient:
             Path(uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        # Creating the client opens the store (and migrates a new SQLite database, about 2 s).
+        # Creating the client opens the store (and migrates a new SQLite database, which takes seconds).
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -102,4 +102,3 @@ def quote(value: str) -> str:
     if '"' not in value:
         return f'"{value}"'
     raise RegistryError(f"run key {value!r} holds both quote characters; MLflow's search syntax cannot match it")
-

@@ -22,7 +22,8 @@ from mtl_core.artifacts import Comparison, RegisteredModel
 from mtl_core.cli import app
 from mtl_core.config import load_settings
 from mtl_core.data import warehouse as wh
-from mtl_core.data.shop import ShopSpec, corrupt_interval, write_shop
+from mtl_core.data.corruption import corrupt_interval
+from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.local_airflow import DAGS_FOLDER, prepare_airflow, run_dag_in_process
 
 START = date(2026, 1, 5)

@@ -30,12 +30,21 @@ def test_bulk_insert_and_duplicate_ignoring_insert(any_url):
     wh.create_schema(engine)
     ts = np.array(["2026-01-05T10:00:00", "2026-01-05T10:00:00.250"], dtype="datetime64[us]")
     with engine.begin() as conn:
-        wh.bulk_insert(conn, wh.ad_events, {
-            "event_id": np.array([1, 2]), "user_id": np.array([7, 7]), "ad_id": np.array([3, 3]),
-            "item_id": np.array([9, 9]), "ad_text": np.array(["Free shipping on X", None], dtype=object),
-            "event_type": np.array(["ad_impression", "ad_click"], dtype=object), "ts": ts,
-            "session_id": np.array([5, 5]), "parent_event_id": np.array([None, 1], dtype=object),
-        })  # fmt: skip
+        wh.bulk_insert(
+            conn,
+            wh.ad_events,
+            {
+                "event_id": np.array([1, 2]),
+                "user_id": np.array([7, 7]),
+                "ad_id": np.array([3, 3]),
+                "item_id": np.array([9, 9]),
+                "ad_text": np.array(["Free shipping on X", None], dtype=object),
+                "event_type": np.array(["ad_impression", "ad_click"], dtype=object),
+                "ts": ts,
+                "session_id": np.array([5, 5]),
+                "parent_event_id": np.array([None, 1], dtype=object),
+            },
+        )
         new = wh.insert_ignoring_duplicates(conn, wh.items, [{"item_id": 9, "title": "a"}, {"item_id": 10}])
         again = wh.insert_ignoring_duplicates(conn, wh.items, [{"item_id": 9, "title": "b"}])
     assert (new, again) == (2, 0)

@@ -6,11 +6,11 @@ from datetime import date
 
 import pytest
 
-from mtl_core.data import warehouse as wh
 from mtl_core.config import load_settings
-from mtl_core.judge.evaluate import evaluate_model
+from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot
 from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.judge.evaluate import evaluate_model
 from mtl_core.learn.training import train_on_snapshot
 
 

@@ -15,8 +15,23 @@ runner = CliRunner()
 
 def test_simulate_extract_describe_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("MTL_DATA_DIR", str(tmp_path))
-    sim = runner.invoke(app, ["simulate", "--users", "200", "--items", "60", "--days", "10", "--start",
-                              "2026-03-02", "--seed", "5", "--json"])  # fmt: skip
+    sim = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--users",
+            "200",
+            "--items",
+            "60",
+            "--days",
+            "10",
+            "--start",
+            "2026-03-02",
+            "--seed",
+            "5",
+            "--json",
+        ],
+    )
     assert sim.exit_code == 0, sim.output
     summary = json.loads(sim.output)
     assert summary["rows"]["users"] == 200 and summary["rows"]["impressions"] > 0
@@ -34,8 +49,12 @@ def test_simulate_extract_describe_round_trip(tmp_path, monkeypatch):
 
 def _mtl(*args: str, env_dir, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     code = "import sys; from mtl_core.cli import main; sys.argv = ['mtl', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env={"MTL_DATA_DIR": str(env_dir), "PATH": "/usr/bin:/bin", **(extra_env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env={"MTL_DATA_DIR": str(env_dir), "PATH": "/usr/bin:/bin", **(extra_env or {})},
+    )
 
 
 def test_errors_are_one_clear_line_with_exit_code_2(tmp_path):
@@ -48,8 +67,17 @@ def test_errors_are_one_clear_line_with_exit_code_2(tmp_path):
     no_snapshot = _mtl("describe", str(tmp_path / "nothing"), env_dir=tmp_path)
     assert no_snapshot.returncode == 2 and "manifest.json is missing" in no_snapshot.stderr
 
-    bad_setting = _mtl("extract", "--start", "2026-01-01", "--end", "2026-01-02", "--out", str(tmp_path / "s"),
-                       env_dir=tmp_path, extra_env={"MTL_LOG_LEVEL": "LOUD"})  # fmt: skip
+    bad_setting = _mtl(
+        "extract",
+        "--start",
+        "2026-01-01",
+        "--end",
+        "2026-01-02",
+        "--out",
+        str(tmp_path / "s"),
+        env_dir=tmp_path,
+        extra_env={"MTL_LOG_LEVEL": "LOUD"},
+    )
     assert bad_setting.returncode == 2 and "Traceback" not in bad_setting.stderr
     assert "setting 'log_level' (from environment variable MTL_LOG_LEVEL)" in bad_setting.stderr
 

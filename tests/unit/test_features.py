@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtl_core.data import warehouse as wh
 from mtl_core.config import FeatureSettings, TaskSpec, load_settings
-from mtl_core.learn.examples import NUMERIC, FeatureError, FeatureSpace, Vocab, build_examples, split_summary
+from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot
 from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.learn.examples import NUMERIC, FeatureError, FeatureSpace, Vocab, build_examples, split_summary
 
 TASKS = load_settings(environ={}).tasks
 FEATURES = FeatureSettings(history_days=3, valid_days=3, holdout_days=4, churn_cutoff_step_days=2)
@@ -119,8 +119,17 @@ def test_the_saved_example_set_loads_back_equal(examples, tmp_path):
     loaded = load_examples(tmp_path / "examples")
     assert loaded.task_names == examples.task_names and loaded.texts == examples.texts
     assert loaded.interval == examples.interval
-    for name in ("numeric", "text_index", "labels", "split", "time", "event_id", "click_event_id", "new_user",
-                 "cold_item"):  # fmt: skip
+    for name in (
+        "numeric",
+        "text_index",
+        "labels",
+        "split",
+        "time",
+        "event_id",
+        "click_event_id",
+        "new_user",
+        "cold_item",
+    ):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(examples, name), err_msg=name)
         assert getattr(loaded, name).dtype == getattr(examples, name).dtype, name
     for name, values in examples.raw.items():

@@ -1,4 +1,4 @@
-"""bench/gap_anatomy.py rebuilds the shop's true logits from named terms; they must stay in step with simulate.py."""
+"""bench/gap_anatomy.py splits the shop's own true-logit terms; they must add up to the drawn probabilities."""
 
 import importlib.util
 from pathlib import Path

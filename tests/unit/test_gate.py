@@ -19,16 +19,27 @@ def comparison(aucs: dict[str, tuple[float, float | None]], low: float = 0.001, 
     """compare_models-shaped input: {task: (challenger auc, champion auc or None)}."""
     tasks = {}
     for name, (ours, theirs) in aucs.items():
-        challenger = {"auc": ours, "logloss": extra.get("logloss", (0.30, 0.30))[0],
-                      "ece": extra.get("ece", (0.01, 0.01))[0], "n": 1000}  # fmt: skip
+        challenger = {
+            "auc": ours,
+            "logloss": extra.get("logloss", (0.30, 0.30))[0],
+            "ece": extra.get("ece", (0.01, 0.01))[0],
+            "n": 1000,
+        }
         if theirs is None:
             tasks[name] = {"challenger": challenger, "champion": None, "auc_delta": None}
             continue
-        champion = {"auc": theirs, "logloss": extra.get("logloss", (0.30, 0.30))[1],
-                    "ece": extra.get("ece", (0.01, 0.01))[1], "n": 1000}  # fmt: skip
+        champion = {
+            "auc": theirs,
+            "logloss": extra.get("logloss", (0.30, 0.30))[1],
+            "ece": extra.get("ece", (0.01, 0.01))[1],
+            "n": 1000,
+        }
         delta = ours - theirs
-        tasks[name] = {"challenger": challenger, "champion": champion,
-                       "auc_delta": {"delta": delta, "low": low, "high": delta + 0.01}}  # fmt: skip
+        tasks[name] = {
+            "challenger": challenger,
+            "champion": champion,
+            "auc_delta": {"delta": delta, "low": low, "high": delta + 0.01},
+        }
     return {"tasks": tasks, "split": "holdout"}
 
 
@@ -121,8 +132,10 @@ def test_undefined_auc_rejects_and_json_has_no_nan():
 
 
 def test_configured_tasks_decide_which_must_pass():
-    only_two = [TaskSpec(name="ctr", sample_space="feed", label="clicked"),
-                TaskSpec(name="churn", sample_space="users", label="churned")]  # fmt: skip
+    only_two = [
+        TaskSpec(name="ctr", sample_space="feed", label="clicked"),
+        TaskSpec(name="churn", sample_space="users", label="churned"),
+    ]
     aucs = {**ALL_BETTER, "cvr": (0.50, 0.65)}  # a worse task the configuration no longer has
     decision = decide(comparison(aucs), only_two)
     assert decision.verdict == "promote" and set(decision.per_task) == {"ctr", "churn"}

@@ -14,9 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from mtl_core.data import warehouse as wh
 from mtl_core.cli import app, main
-from mtl_core.errors import MtlError
+from mtl_core.data import warehouse as wh
 from mtl_core.data.import_logs import (
     IMPORTED_ID_MIN,
     ImportReport,
@@ -24,6 +23,7 @@ from mtl_core.data.import_logs import (
     import_logs,
     imported_event_ids,
 )
+from mtl_core.errors import MtlError
 
 T0 = 1511544070  # 2017-11-24 17:21:10 UTC
 
@@ -257,13 +257,16 @@ def test_yaml_mapping_with_header_ms_timestamps_and_an_event_map(sqlite_engine, 
     mapping = tmp_path / "shop.yaml"
     mapping.write_text(MAPPING)
     ms = T0 * 1000 + 250
-    log = write_lines(tmp_path / "shop.csv", [
-        "time_ms;uid;sku;action;cat;name;cost;ignored",
-        f"{ms};5;50;view;shoes;Red shoes;19.90;x",
-        f"{ms + 1000};5;50;tap;shoes;;;x",
-        f'{ms + 2000};6;51;order;bags;"Bag; leather\nwith strap";120;x',  # quoted ; and newline: lines 4-5
-        f"{ms + 3000};6;51;return;bags;;;x",  # line 6: not in the event map
-    ])  # fmt: skip
+    log = write_lines(
+        tmp_path / "shop.csv",
+        [
+            "time_ms;uid;sku;action;cat;name;cost;ignored",
+            f"{ms};5;50;view;shoes;Red shoes;19.90;x",
+            f"{ms + 1000};5;50;tap;shoes;;;x",
+            f'{ms + 2000};6;51;order;bags;"Bag; leather\nwith strap";120;x',  # quoted ; and newline: lines 4-5
+            f"{ms + 3000};6;51;return;bags;;;x",  # line 6: not in the event map
+        ],
+    )
 
     aborted = import_logs(log, mapping, sqlite_engine)
     assert aborted.aborted and aborted.first_bad[0]["line"] == 6
@@ -286,12 +289,15 @@ def test_yaml_mapping_for_a_headerless_csv_by_position_with_a_time_format(sqlite
         "header: false\ncolumns: {0: user_id, 1: item_id, 3: event_type, '4': ts}\n"
         "event_types: {v: impression, c: click}\ntimestamp: {format: '%Y-%m-%d %H:%M:%S'}\n"
     )
-    log = write_lines(tmp_path / "log.txt", [
-        "1,2,unused,v,2024-03-01 10:00:00",
-        "1,2,unused,c,2024-03-01 10:00:05",
-        "1,2,unused,c,01/03/2024 10:00",
-        "1,2,v,2024-03-01 10:00:05",
-    ])  # fmt: skip
+    log = write_lines(
+        tmp_path / "log.txt",
+        [
+            "1,2,unused,v,2024-03-01 10:00:00",
+            "1,2,unused,c,2024-03-01 10:00:05",
+            "1,2,unused,c,01/03/2024 10:00",
+            "1,2,v,2024-03-01 10:00:05",
+        ],
+    )
     report = import_logs(log, mapping, sqlite_engine, skip_bad=True)
     assert (report.rows_loaded, report.bad_rows) == (2, 2)
     assert report.first_bad[0] == {
@@ -307,12 +313,14 @@ def test_yaml_mapping_for_parquet(sqlite_engine, tmp_path):
     mapping = tmp_path / "m.yaml"
     mapping.write_text("columns: {u: user_id, i: item_id, e: event_type, t: ts}\nevent_types: {fav: favorite}\n")
     log = tmp_path / "log.parquet"
-    pd.DataFrame({
-        "u": pd.array([1, 2, None], dtype="Int64"),
-        "i": [10, 11, 12],
-        "e": ["fav", "fav", "fav"],
-        "t": pd.to_datetime(["2024-01-01 00:00:00+01:00"] * 3),
-    }).to_parquet(log)  # fmt: skip
+    pd.DataFrame(
+        {
+            "u": pd.array([1, 2, None], dtype="Int64"),
+            "i": [10, 11, 12],
+            "e": ["fav", "fav", "fav"],
+            "t": pd.to_datetime(["2024-01-01 00:00:00+01:00"] * 3),
+        }
+    ).to_parquet(log)
     report = import_logs(log, mapping, sqlite_engine, skip_bad=True)
     assert (report.rows_read, report.rows_loaded, report.bad_rows) == (3, 2, 1)
     assert report.first_bad[0]["line"] == 3 and report.first_bad[0]["reason"] == "missing user_id"
@@ -322,21 +330,32 @@ def test_yaml_mapping_for_parquet(sqlite_engine, tmp_path):
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("columns: {a: user_id, b: item, c: event_type, d: ts}\nevent_types: {x: click}\n",
-         "unknown warehouse column 'item'"),
-        ("columns: {a: user_id, b: item_id, c: event_type}\nevent_types: {x: click}\n",
-         "required warehouse column(s) ts not mapped"),
-        ("columns: {a: user_id, b: item_id, c: event_type, d: ts}\nevent_types: {x: like}\n",
-         "'like', which is not a behaviour event type; allowed: impression, click, add_to_cart"),
-        ("columns: {a: user_id, b: item_id, c: event_type, d: ts}\nevent_types: {x: click}\n"
-         "timestamp: {unit: minutes}\n", "unknown unit 'minutes'; allowed: s, ms, us"),
+        (
+            "columns: {a: user_id, b: item, c: event_type, d: ts}\nevent_types: {x: click}\n",
+            "unknown warehouse column 'item'",
+        ),
+        (
+            "columns: {a: user_id, b: item_id, c: event_type}\nevent_types: {x: click}\n",
+            "required warehouse column(s) ts not mapped",
+        ),
+        (
+            "columns: {a: user_id, b: item_id, c: event_type, d: ts}\nevent_types: {x: like}\n",
+            "'like', which is not a behaviour event type; allowed: impression, click, add_to_cart",
+        ),
+        (
+            "columns: {a: user_id, b: item_id, c: event_type, d: ts}\nevent_types: {x: click}\n"
+            "timestamp: {unit: minutes}\n",
+            "unknown unit 'minutes'; allowed: s, ms, us",
+        ),
         ("colums: {a: user_id}\n", "unknown key(s) 'colums'"),
-        ("header: false\ncolumns: {a: user_id, b: item_id, c: event_type, d: ts}\nevent_types: {x: click}\n",
-         "'a' is not a 0-based column position"),
+        (
+            "header: false\ncolumns: {a: user_id, b: item_id, c: event_type, d: ts}\nevent_types: {x: click}\n",
+            "'a' is not a 0-based column position",
+        ),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("columns: {a: [unclosed\n", "not valid YAML"),
     ],
-)  # fmt: skip
+)
 def test_bad_mapping_files_are_refused_with_a_clear_message(sqlite_engine, tmp_path, text, problem):
     mapping = tmp_path / "bad.yaml"
     mapping.write_text(text)
@@ -374,8 +393,12 @@ def test_cli_imports_and_prints_the_report_as_json(sqlite_url, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
-        "rows_read": 5, "rows_loaded": 5, "bad_rows": 0, "first_bad": [], "aborted": False,
-    }  # fmt: skip
+        "rows_read": 5,
+        "rows_loaded": 5,
+        "bad_rows": 0,
+        "first_bad": [],
+        "aborted": False,
+    }
     again = CliRunner().invoke(app, args)
     assert json.loads(again.stdout)["rows_loaded"] == 0
 

@@ -115,8 +115,9 @@ def test_word_pooling_gives_every_text_its_own_vector_and_a_change_of_word_moves
 def test_transfer_starts_as_no_transfer_and_reads_the_source_tower_without_training_it():
     torch.manual_seed(0)
     plain = build_model(SIZES, TASKS, ModelSettings(dropout=0.0, transfer=[]), 12, True).eval()
-    transfer = build_model(SIZES, TASKS, ModelSettings(dropout=0.0, transfer=[("ctr", "cvr"), ("ctr", "gone")]), 12,
-                           True).eval()  # fmt: skip
+    transfer = build_model(
+        SIZES, TASKS, ModelSettings(dropout=0.0, transfer=[("ctr", "cvr"), ("ctr", "gone")]), 12, True
+    ).eval()
     transfer.load_state_dict(plain.state_dict(), strict=False)
     assert transfer.transfer_pairs == [(0, 1)]  # pairs naming a task the model lacks are skipped
     batch, text = _batch()

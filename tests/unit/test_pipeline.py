@@ -28,10 +28,23 @@ def test_oncall_message_says_what_where_why_and_what_next(tmp_path):
     settings = load_settings(
         environ={"MTL_DATA_DIR": str(tmp_path), "MTL_WAREHOUSE_URL": "postgresql+psycopg://etl:s3cret@db:5432/shop"}
     )
-    message = pipeline.oncall_message("mtl_retrain", "scheduled__2026-03-02", "validate", "2 failing expectations",
-                                      settings, snapshot="/data/snapshots/x")  # fmt: skip
-    for part in ("mtl_retrain", "scheduled__2026-03-02", "task validate failed", "2 failing expectations",
-                 "/data/snapshots/x/validation/report.html", "champion: unchanged", "mtl run-dag"):  # fmt: skip
+    message = pipeline.oncall_message(
+        "mtl_retrain",
+        "scheduled__2026-03-02",
+        "validate",
+        "2 failing expectations",
+        settings,
+        snapshot="/data/snapshots/x",
+    )
+    for part in (
+        "mtl_retrain",
+        "scheduled__2026-03-02",
+        "task validate failed",
+        "2 failing expectations",
+        "/data/snapshots/x/validation/report.html",
+        "champion: unchanged",
+        "mtl run-dag",
+    ):
         assert part.lower() in message.lower(), part
     extract = pipeline.oncall_message("d", "r", "extract", "timeout", settings)
     assert "db:5432" in extract and "s3cret" not in extract  # where to look, without the password

@@ -16,16 +16,16 @@ import pytest
 from conftest import tiny_training_env
 
 from mtl_core import registry as reg
-from mtl_core.registry.pyfunc import log_pyfunc
-from mtl_core.data import warehouse as wh
 from mtl_core.config import load_settings
-from mtl_core.judge.evaluate import compare_models, evaluate_model, holdout_predictions
-from mtl_core.learn.examples import build_examples, examples_frame
-from mtl_core.judge.gate import decide
+from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot, read_manifest
 from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.judge.evaluate import compare_models, evaluate_model, holdout_predictions
+from mtl_core.judge.gate import decide
 from mtl_core.learn.checkpoint import load_model
+from mtl_core.learn.examples import build_examples, examples_frame
 from mtl_core.learn.training import train_on_snapshot
+from mtl_core.registry.pyfunc import log_pyfunc
 
 NAME = reg.MODEL_NAME
 
@@ -46,9 +46,14 @@ def trained(tmp_path_factory, tiny_bert_path):
     # Rows of every sample space, so the example holds the gaps real requests have (no item, no ad).
     rows = np.concatenate([examples.task_rows(t, "holdout")[:3] for t in range(len(examples.task_names))])
     return {
-        "root": root, "snap": root / "snap", "a": root / "model_a", "b": root / "model_b", "settings": settings,
-        "history": first.history, "frame": examples_frame(examples, rows),
-    }  # fmt: skip
+        "root": root,
+        "snap": root / "snap",
+        "a": root / "model_a",
+        "b": root / "model_b",
+        "settings": settings,
+        "history": first.history,
+        "frame": examples_frame(examples, rows),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +75,19 @@ def gate(client, version, comparison, tasks):
     decision = decide(comparison, tasks)
     reg.record_decision(client, NAME, version, decision, comparison)
     if decision.promote:
-        reg.promote(client, NAME, version, actor="gate", why=decision.reason)
+        reg.make_champion(client, NAME, version, actor="gate", why=decision.reason)
     return decision
 
 
 def register(client, trained, key: str, model: str = "a") -> tuple[str, int]:
     run_id = reg.run_for_key(client, "mtl", key)
-    reg.log_training(client, run_id, trained["settings"], evaluate_model(trained[model], trained["snap"]),
-                     snapshot_manifest=trained["snap"])  # fmt: skip
+    reg.log_training(
+        client,
+        run_id,
+        trained["settings"],
+        evaluate_model(trained[model], trained["snap"]),
+        snapshot_manifest=trained["snap"],
+    )
     return run_id, reg.log_and_register_model(client, run_id, trained[model], NAME, trained["frame"])
 
 
@@ -102,10 +112,12 @@ def test_log_training_records_config_metrics_curves_lineage_and_plots(client, tr
     kwargs = dict(
         champion_metrics=evaluate_model(trained["b"], trained["snap"]),
         single_task_metrics={"cvr": {"auc": 0.61, "logloss": 0.4, "ece": 0.02}},
-        history=trained["history"], snapshot_manifest=trained["snap"], validation_summary={"success": True},
+        history=trained["history"],
+        snapshot_manifest=trained["snap"],
+        validation_summary={"success": True},
         data_interval=("2026-01-05T00:00:00Z", "2026-02-09T00:00:00Z"),
         predictions={task: (labels[task], probs[task]) for task in labels},
-    )  # fmt: skip
+    )
     reg.log_training(client, run_id, settings, evaluated, **kwargs)
     reg.log_training(client, run_id, settings, evaluated, snapshot_manifest=trained["snap"])  # a retried task
 
@@ -198,8 +210,14 @@ import mtl_core
 print(mtl_core.__file__)
 out.to_json({str(tmp_path / "out.json")!r})
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     import mtl_core
 
@@ -216,16 +234,16 @@ def test_promote_keeps_previous_and_rollback_swaps_back_and_forth(client, traine
     _, v2 = register(client, trained, "day2", "b")
     assert (v1, v2) == (1, 2) and reg.current_alias(client, NAME, reg.CHALLENGER) == 2
 
-    first = reg.promote(client, NAME, v1, actor="gate", why="first model above floors")
+    first = reg.make_champion(client, NAME, v1, actor="gate", why="first model above floors")
     assert first["champion"] == 1 and first["previous"] is None
     with pytest.raises(reg.RegistryError, match="no version holds the 'previous' alias"):
         reg.rollback(client, NAME, actor="alice", why="nothing to go back to")
-    reg.promote(client, NAME, v2, actor="gate", why="every task better")
+    reg.make_champion(client, NAME, v2, actor="gate", why="every task better")
     assert reg.current_alias(client, NAME, reg.CHAMPION) == 2 and reg.current_alias(client, NAME, reg.PREVIOUS) == 1
     tags = client.get_model_version(NAME, "2").tags
     assert tags["promotion.by"] == "gate" and tags["promotion.why"] == "every task better"
     assert tags["promotion.at"].startswith("20") and tags["promotion.replaced"] == "1"
-    again = reg.promote(client, NAME, v2, actor="gate", why="retry")
+    again = reg.make_champion(client, NAME, v2, actor="gate", why="retry")
     assert not again["changed"] and reg.current_alias(client, NAME, reg.PREVIOUS) == 1
 
     back = reg.rollback(client, NAME, actor="alice", why="cvr dropped in production")
@@ -236,9 +254,9 @@ def test_promote_keeps_previous_and_rollback_swaps_back_and_forth(client, traine
     assert reg.current_alias(client, NAME, reg.CHAMPION) == 2 and reg.current_alias(client, NAME, reg.PREVIOUS) == 1
 
     with pytest.raises(reg.RegistryError, match=r"has no version 9 \(versions: 1, 2\)"):
-        reg.promote(client, NAME, 9, actor="bob", why="typo")
+        reg.make_champion(client, NAME, 9, actor="bob", why="typo")
     with pytest.raises(reg.RegistryError, match="no registered model named 'nope'"):
-        reg.promote(client, "nope", 1, actor="bob", why="typo")
+        reg.make_champion(client, "nope", 1, actor="bob", why="typo")
     with pytest.raises(reg.RegistryError, match="no registered model named 'nope'"):
         reg.rollback(client, "nope", actor="bob", why="typo")
 
@@ -247,8 +265,9 @@ def test_gate_status_and_champion_download(client, trained, tmp_path):
     assert reg.champion_model_dir(client, NAME, tmp_path / "none") is None  # nothing registered yet
     _, v1 = register(client, trained, "day1", "a")
     assert reg.champion_model_dir(client, NAME, tmp_path / "none") is None  # registered, not promoted
-    first = gate(client, v1, {"tasks": {t: {"auc": 0.9} for t in ("ctr", "cvr", "ad_ctr", "churn")}},
-                     trained["settings"].tasks)  # fmt: skip
+    first = gate(
+        client, v1, {"tasks": {t: {"auc": 0.9} for t in ("ctr", "cvr", "ad_ctr", "churn")}}, trained["settings"].tasks
+    )
     assert first.promote and reg.current_alias(client, NAME, reg.CHAMPION) == 1
 
     champion_dir = reg.champion_model_dir(client, NAME, tmp_path / "champion")

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from mtl_core.data import warehouse as wh
-from mtl_core.data.shop import ATTRIBUTES, ShopSpec, generate, oracle_report, write_shop
+from mtl_core.data.shop import ATTRIBUTES, ShopSpec, generate, write_shop
+from mtl_core.judge.oracle import oracle_report
 
 RATE_BANDS = {"ctr": (0.02, 0.06), "cvr": (0.05, 0.15), "ad_ctr": (0.01, 0.03), "churn": (0.10, 0.30)}
 ORACLE_BANDS = {"ctr": (0.68, 0.80), "cvr": (0.68, 0.85), "ad_ctr": (0.65, 0.80), "churn": (0.68, 0.85)}

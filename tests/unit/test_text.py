@@ -247,8 +247,15 @@ def test_packaged_minilm_embeds_meaning():
 
 def test_split_words():
     assert split_words("Today only: 40% off Nordwind  high-end, children's SHOES") == [
-        "today", "only", "40%", "off", "nordwind", "high-end", "children's", "shoes",
-    ]  # fmt: skip
+        "today",
+        "only",
+        "40%",
+        "off",
+        "nordwind",
+        "high-end",
+        "children's",
+        "shoes",
+    ]
     assert split_words(" !! ") == []
 
 
@@ -263,8 +270,9 @@ def test_word_matrix_holds_each_words_own_vector_padded_and_encodes_each_word_on
     assert "1 of 4 texts have more than text.max_words = 4 words (the longest 7)" in caplog.text
     assert matrix.shape == (5, 4, 32)
     assert not matrix[0].any() and not matrix[3].any()  # no text, and a text without words
-    words = TextEncoder(tiny_path).encode(["premium", "leather", "shoes", "board", "game", "for", "kids"],
-                                          progress=False)  # fmt: skip
+    words = TextEncoder(tiny_path).encode(
+        ["premium", "leather", "shoes", "board", "game", "for", "kids"], progress=False
+    )
     np.testing.assert_allclose(matrix[1, :3], words[:3], atol=1e-5)
     assert not matrix[1, 3].any()  # padding after the third word
     np.testing.assert_allclose(matrix[2], words[3:7], atol=1e-5)  # cut at max_words

@@ -11,14 +11,14 @@ import torch
 from conftest import tiny_training_env
 from typer.testing import CliRunner
 
-from mtl_core.data import warehouse as wh
 from mtl_core.cli import app
 from mtl_core.config import load_settings
-from mtl_core.learn.examples import build_examples
+from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot
 from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.learn import TrainingError
 from mtl_core.learn.checkpoint import load_model
+from mtl_core.learn.examples import build_examples
 from mtl_core.learn.training import _warm_start, train_on_snapshot
 
 
@@ -113,18 +113,22 @@ def test_warm_start_keeps_text_statistics_unless_the_text_form_changes(shop, set
     train_on_snapshot(shop / "mid", tmp_path / "words", settings, warm_start=tmp_path / "sentence", progress=False)
     train_on_snapshot(shop / "snap", tmp_path / "words_later", settings, warm_start=tmp_path / "words", progress=False)
     train_on_snapshot(shop / "snap", tmp_path / "words_fresh", settings, progress=False)
-    mean = {name: load_model(tmp_path / name).model.inputs.text_mean
-            for name in ("sentence", "words", "words_later", "words_fresh")}  # fmt: skip
+    mean = {
+        name: load_model(tmp_path / name).model.inputs.text_mean
+        for name in ("sentence", "words", "words_later", "words_fresh")
+    }
     assert not torch.allclose(mean["words"], mean["sentence"])  # word vectors got their own statistics
     assert torch.equal(mean["words_later"], mean["words"])  # same form: kept from the earlier model
     assert not torch.equal(mean["words_fresh"], mean["words"])  # (which is not what the new texts would give)
 
 
 def test_a_model_saved_before_word_vectors_and_transfer_existed_still_loads(shop, settings, tmp_path):
-    old_style = settings.model_copy(update={
-        "text": settings.text.model_copy(update={"pooling": "sentence"}),
-        "model": settings.model.model_copy(update={"transfer": []}),
-    })  # fmt: skip
+    old_style = settings.model_copy(
+        update={
+            "text": settings.text.model_copy(update={"pooling": "sentence"}),
+            "model": settings.model.model_copy(update={"transfer": []}),
+        }
+    )
     train_on_snapshot(shop / "mid", tmp_path / "old", old_style, progress=False)
     examples = build_examples(shop / "snap", settings.features, settings.tasks)
     rows = np.arange(200)
@@ -166,8 +170,13 @@ def test_single_task_baseline(shop, settings, tmp_path):
 
 @pytest.mark.parametrize("weighting", ["inverse_volume", "uncertainty", "gradnorm", "pcgrad"])
 def test_every_weighting_strategy_trains(shop, settings, tmp_path, weighting):
-    settings = settings.model_copy(update={"train": settings.train.model_copy(
-        update={"weighting": weighting, "epochs": 1, "residual_pairs": [("ctr", "cvr", 0.1)]})})  # fmt: skip
+    settings = settings.model_copy(
+        update={
+            "train": settings.train.model_copy(
+                update={"weighting": weighting, "epochs": 1, "residual_pairs": [("ctr", "cvr", 0.1)]}
+            )
+        }
+    )
     result = train_on_snapshot(shop / "snap", tmp_path / weighting, settings, progress=False)
     assert all(np.isfinite(m["logloss"]) for m in result.metrics.values())
 
@@ -181,8 +190,12 @@ def test_other_architectures_train(shop, settings, tmp_path, architecture):
 def test_top_k_fine_tuning_trains_only_the_top_layers(shop, settings, tmp_path, tiny_bert_path):
     from mtl_core.learn.text import TextEncoder
 
-    settings = settings.model_copy(update={"text": settings.text.model_copy(update={"finetune": "top_k", "top_k": 1}),
-                                           "train": settings.train.model_copy(update={"epochs": 1})})  # fmt: skip
+    settings = settings.model_copy(
+        update={
+            "text": settings.text.model_copy(update={"finetune": "top_k", "top_k": 1}),
+            "train": settings.train.model_copy(update={"epochs": 1}),
+        }
+    )
     train_on_snapshot(shop / "snap", tmp_path / "ft", settings, progress=False)
     tuned = load_model(tmp_path / "ft").model.text_encoder.state_dict()
     original = TextEncoder(tiny_bert_path).state_dict()
@@ -203,14 +216,29 @@ def test_cli_train_and_evaluate_print_per_task_json(shop, settings, tmp_path, mo
         "train: {epochs: 1, steps_per_epoch: 10, batch_size: 256}\n"
     )
     runner = CliRunner()
-    out = runner.invoke(app, ["train", "--snapshot", str(shop / "snap"), "--out", str(tmp_path / "m"),
-                              "--config", str(config), "--json"])  # fmt: skip
+    out = runner.invoke(
+        app,
+        ["train", "--snapshot", str(shop / "snap"), "--out", str(tmp_path / "m"), "--config", str(config), "--json"],
+    )
     assert out.exit_code == 0, out.output
     payload = json.loads(out.output)
     assert set(payload["tasks"]) == {"ctr", "cvr", "ad_ctr", "churn"} and "auc" in payload["tasks"]["ctr"]
     db = f"sqlite:///{shop / 'warehouse.db'}"
-    out = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "m"), "--snapshot", str(shop / "snap"),
-                              "--db", db, "--config", str(config), "--json"])  # fmt: skip
+    out = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "m"),
+            "--snapshot",
+            str(shop / "snap"),
+            "--db",
+            db,
+            "--config",
+            str(config),
+            "--json",
+        ],
+    )
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)["tasks"]
     for task in ("ctr", "cvr", "ad_ctr", "churn"):

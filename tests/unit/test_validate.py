@@ -20,12 +20,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from mtl_core import quality as validate
 from mtl_core.data import extract as ingest
 from mtl_core.data import shop as simulate
-from mtl_core import quality as validate
 from mtl_core.data import warehouse as wh
-from mtl_core.errors import MtlError
+from mtl_core.data.corruption import corrupt_interval
 from mtl_core.data.import_logs import import_logs
+from mtl_core.errors import MtlError
 
 SPEC = simulate.ShopSpec(users=300, items=120, days=14)
 WEEK1 = ("2026-01-05", "2026-01-12")
@@ -51,7 +52,7 @@ def shop(tmp_path_factory) -> dict[str, Path]:
 
 def corrupted_snapshot(tmp_path: Path, kind: str, interval: tuple[str, str] = WEEK2) -> tuple[Path, dict]:
     engine = make_shop(tmp_path / f"{kind}.db")
-    done = simulate.corrupt_interval(engine, *interval, kinds=(kind,), seed=1)
+    done = corrupt_interval(engine, *interval, kinds=(kind,), seed=1)
     out = ingest.extract_snapshot(engine, *interval, tmp_path / f"snapshot_{kind}")
     engine.dispose()
     assert out["tables"]
@@ -161,7 +162,7 @@ def test_each_corruption_fails_with_the_right_expectation(shop, tmp_path, kind):
 
 def test_message_lists_every_failure_on_its_own_line(shop, tmp_path):
     engine = make_shop(tmp_path / "wh.db")
-    simulate.corrupt_interval(engine, *WEEK2, kinds=("bad_event_types", "negative_prices", "null_ids"))
+    corrupt_interval(engine, *WEEK2, kinds=("bad_event_types", "negative_prices", "null_ids"))
     ingest.extract_snapshot(engine, *WEEK2, tmp_path / "snap")
 
     with pytest.raises(validate.ValidationFailed) as caught:

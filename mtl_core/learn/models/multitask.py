@@ -37,7 +37,12 @@ class MultiTaskModel(nn.Module):
         self.task_names = list(task_names)
         self.settings = settings
         self.inputs = InputEncoder(
-            vocab_sizes, settings.id_dim, text_in, settings.text_dim, use_text, tuple(settings.id_features),
+            vocab_sizes,
+            settings.id_dim,
+            text_in,
+            settings.text_dim,
+            use_text,
+            tuple(settings.id_features),
             word_pooling,
         )
         inp, n = self.inputs.output_dim, len(task_names)
@@ -47,13 +52,22 @@ class MultiTaskModel(nn.Module):
             self.shared = MMoE(inp, n, settings.expert_dim, settings.experts, settings.dropout)
         else:
             self.shared = PLE(
-                inp, n, settings.expert_dim, settings.experts, settings.shared_experts, settings.ple_layers,
+                inp,
+                n,
+                settings.expert_dim,
+                settings.experts,
+                settings.shared_experts,
+                settings.ple_layers,
                 settings.dropout,
-            )  # fmt: skip
+            )
         self.towers = nn.ModuleList(
-            [nn.Sequential(mlp(self.shared.output_dim, settings.tower_dim, settings.dropout),
-                           nn.Linear(settings.tower_dim, 1)) for _ in task_names]
-        )  # fmt: skip
+            [
+                nn.Sequential(
+                    mlp(self.shared.output_dim, settings.tower_dim, settings.dropout), nn.Linear(settings.tower_dim, 1)
+                )
+                for _ in task_names
+            ]
+        )
         # One read-out per transfer pair whose tasks both exist; zero-initialised, so training starts from
         # the towers alone and the target learns how much of the source's tower to use.
         self.transfer_pairs = [
@@ -91,13 +105,13 @@ class MultiTaskModel(nn.Module):
         hidden = [tower[0](h) for tower, h in zip(self.towers, representations, strict=True)]
         logits = [tower[1](h) for tower, h in zip(self.towers, hidden, strict=True)]
         for (source, target), readout in zip(self.transfer_pairs, self.transfers, strict=True):
-            # The target reads the source's tower but does not train it: letting the small tasks' gradients
-            # into the ctr tower cost ctr 0.006 AUC on the 20k-user shop (and cvr and ad_ctr lost too).
+            # The target reads the source's tower but does not train it: the small tasks' gradients in the
+            # ctr tower pull it towards their noise, and what they read from it gets worse with it.
             logits[target] = logits[target] + readout(hidden[source].detach())
         if self.transfer_blend is not None and not self.training:
             # Scoring only: the blend is the identity while training, and leaving it out of the training graph
             # keeps training bit-for-bit what it is without it (extra ops shift the float rounding and, over
-            # thousands of steps, the trajectory: ctr moved by 0.0008 on the 20k-user shop, like a new seed).
+            # thousands of steps, the whole trajectory, as a new seed would).
             sources = [logits[source].detach() for source, _ in self.transfer_pairs]  # before any is blended
             for (_, target), source_logit, (own, weight, bias) in zip(
                 self.transfer_pairs, sources, self.transfer_blend, strict=True
