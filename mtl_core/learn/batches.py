@@ -103,11 +103,15 @@ class TaskSampler:
         return np.concatenate(rows), np.concatenate(drawn_for)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "order": self.order, "position": self.position}
+        # Tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True), which builds no
+        # numpy objects.
+        order = [torch.from_numpy(np.ascontiguousarray(rows)) for rows in self.order]
+        return {"rng": self.rng.bit_generator.state, "order": order, "position": list(self.position)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
-        self.order, self.position = state["order"], state["position"]
+        self.order = [rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows) for rows in state["order"]]
+        self.position = list(state["position"])
 
 
 @torch.inference_mode()

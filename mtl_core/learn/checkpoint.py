@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_core.config import Settings, TaskSpec
+from mtl_core.config import Settings, TaskSpec, redact
 from mtl_core.learn import TrainingError
 from mtl_core.learn.batches import TensorData, predict
 from mtl_core.learn.examples import Examples, FeatureSpace, frame_examples
@@ -79,7 +80,8 @@ def save_model(
     )
     space.save(out / FEATURES_FILE)
     stored = settings.model_copy(update={"tasks": tasks})
-    (out / SETTINGS_FILE).write_text(stored.model_dump_json(indent=2))
+    # The model directory goes to the registry, where many can read it: no connection password in it.
+    (out / SETTINGS_FILE).write_text(redact(stored.model_dump_json(indent=2)))
     (out / METRICS_FILE).write_text(json.dumps({"tasks": metrics}, indent=2))
 
 
@@ -88,7 +90,7 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
     path = Path(model_dir)
     if not (path / MODEL_FILE).is_file():
         raise TrainingError(f"{path} is not a model directory: {MODEL_FILE} is missing (train one with mtl train)")
-    stored = torch.load(path / MODEL_FILE, weights_only=False)
+    stored = _load_tensors(path / MODEL_FILE)
     saved = json.loads((path / SETTINGS_FILE).read_text())
     # A model saved before text.pooling and model.transfer existed was trained with whole-text vectors and
     # without transfer; today's defaults would not fit its weights.
@@ -128,4 +130,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The training state ``save_checkpoint`` wrote (the loop resumes from it when a task is retried)."""
-    return torch.load(path, weights_only=False)
+    return _load_tensors(path)
+
+
+def _load_tensors(path: Path) -> dict[str, Any]:
+    """Tensors, numbers, text, lists and dicts only: a file that asks to build anything else is refused.
+
+    Model files come from the artifact store and checkpoints from a shared disk; whoever can write there
+    must not be able to run code on the machine that loads them, which a plain pickle would allow.
+    """
+    try:
+        loaded = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TrainingError(
+            f"{path} refused: it holds more than tensors and plain values ({reason[:300]}); only files this "
+            "project wrote load, so re-train the model or restore the file from a trusted copy"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise TrainingError(f"{path} refused: it is not a readable torch file ({exc.__class__.__name__})") from None
+    if not isinstance(loaded, dict):
+        raise TrainingError(f"{path} refused: it holds a {type(loaded).__name__}, not the dict this project writes")
+    return loaded

@@ -245,3 +245,48 @@ def test_cli_train_and_evaluate_print_per_task_json(shop, settings, tmp_path, mo
         assert {"auc", "logloss", "ece", "n", "oracle_auc", "slices"} <= set(report[task])
         assert 0.5 < report[task]["oracle_auc"] < 1
     assert "cold_start_items" in report["ctr"]["slices"] and "new_users" in report["ctr"]["slices"]
+
+
+class _Payload:
+    """What an attacker who can write the artifact store would put into a model file: code run on unpickling."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_model_file_is_refused_without_running_its_code(shop, settings, tmp_path):
+    train_on_snapshot(shop / "snap", tmp_path / "model", settings, progress=False)
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": _Payload(marker), "task_names": ["ctr"]}, tmp_path / "model" / "model.pt")
+    with pytest.raises(TrainingError, match=r"model\.pt .*refused"):
+        load_model(tmp_path / "model")
+    assert not marker.exists(), "loading the model ran the code inside it"
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(shop, settings, tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "resumed").mkdir()
+    torch.save({"model": _Payload(marker)}, tmp_path / "resumed" / "checkpoint.pt")
+    with pytest.raises(TrainingError, match=r"checkpoint\.pt .*refused"):
+        train_on_snapshot(shop / "snap", tmp_path / "resumed", settings, resume=True, progress=False)
+    assert not marker.exists(), "resuming ran the code inside the checkpoint"
+
+
+def test_no_settings_file_of_a_model_holds_a_password(shop, settings, tmp_path):
+    secret = settings.model_copy(
+        update={
+            "warehouse_url": "postgresql+psycopg://etl:s3cret-pw@db:5432/shop",
+            "mlflow_tracking_uri": "postgresql+psycopg://ml:other-pw@db:5432/mlflow",
+        }
+    )
+    train_on_snapshot(shop / "snap", tmp_path / "model", secret, progress=False)
+    for path in (tmp_path / "model").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert b"s3cret-pw" not in content and b"other-pw" not in content, path
+    assert load_model(tmp_path / "model").settings.warehouse_url == "postgresql+psycopg://etl:***@db:5432/shop"
