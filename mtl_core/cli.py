@@ -153,8 +153,10 @@ def validate_command(
     as_json: JsonOption = False,
 ) -> None:
     """Run the Great Expectations suites of expectations/ on a snapshot; exit 1 if any expectation fails."""
+    from mtl_core.data.extract import verify_snapshot
     from mtl_core.quality import validate_command_output, validate_snapshot
 
+    verify_snapshot(snapshot)
     report = validate_snapshot(snapshot, previous)
     _print(report.summary(), as_json, validate_command_output(report))
     if not report.success:

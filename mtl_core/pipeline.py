@@ -106,19 +106,26 @@ def previous_snapshot(settings: Settings, snapshot: str | Path) -> Path | None:
 
 
 def validate(settings: Settings, snapshot: Snapshot) -> Snapshot:
-    """The same snapshot, now validated; raises ``ValidationFailed`` (listing every failing expectation)."""
+    """The same snapshot, now validated; raises ``ValidationFailed`` (listing every failing expectation).
+
+    First the files must hold what the manifest says (``SnapshotIntegrityError`` names the table if not).
+    """
+    from mtl_core.data.extract import verify_snapshot
     from mtl_core.quality import run_validation
 
+    verify_snapshot(snapshot.uri)
     run_validation(snapshot.uri, previous_snapshot(settings, snapshot.uri))
     return snapshot
 
 
 def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> ExampleSet:
     """Every task's examples, built once for the whole run, and every distinct text encoded into the cache."""
+    from mtl_core.data.extract import verify_snapshot
     from mtl_core.learn import TrainingError
     from mtl_core.learn.examples import build_examples, save_examples, split_summary
     from mtl_core.learn.text import text_matrix
 
+    verify_snapshot(snapshot.uri)  # the files may have changed since validation
     examples = build_examples(snapshot.uri, settings.features, settings.tasks)
     counts = split_summary(examples)
     empty = {name: c for name, c in counts.items() if min(c.values()) == 0}

@@ -44,6 +44,10 @@ class ExtractionError(MtlError):
     pass
 
 
+class SnapshotIntegrityError(MtlError):
+    """A snapshot's files do not hold what its manifest says: tampered with, damaged or half copied."""
+
+
 def parse_instant(value: str | date | datetime, name: str) -> datetime:
     """'2026-01-05', '2026-01-05T12:00' or an aware ISO time -> naive UTC datetime (the warehouse's form)."""
     if isinstance(value, datetime):
@@ -119,10 +123,14 @@ class _TableResult:
     seconds: float
 
 
+def _new_digest(schema: pa.Schema):
+    return hashlib.sha256(str(schema).encode())
+
+
 def _write_table(engine: Engine, table: Table, stmt, path: Path, chunk_rows: int) -> _TableResult:
     began = time.perf_counter()
     schema = arrow_schema(table)
-    digest = hashlib.sha256(str(schema).encode())
+    digest = _new_digest(schema)
     rows = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         for batch in _chunks(engine, table, stmt, chunk_rows):
@@ -200,6 +208,40 @@ def replace_dir(staging: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def verify_snapshot(snapshot_dir: str | Path) -> dict[str, Any]:
+    """The manifest, once every table's file is shown to hold the rows it was extracted with.
+
+    Each table's digest is recomputed from the Parquet file as extraction computed it from the warehouse
+    (the schema, then a hash per row, in order), so a changed, missing or truncated file is found before
+    anything validates or trains on it, and the registry never records a content hash the files contradict.
+    """
+    snapshot = Path(snapshot_dir)
+    manifest = read_manifest(snapshot)
+    for meta in manifest["tables"].values():
+        path = snapshot / meta["file"]
+        if not path.is_file():
+            raise SnapshotIntegrityError(f"snapshot {snapshot}: {meta['file']} is missing; re-extract the interval")
+        try:
+            parquet = pq.ParquetFile(path)
+            digest = _new_digest(parquet.schema_arrow)
+            rows = 0
+            for batch in parquet.iter_batches(batch_size=100_000):
+                digest.update(_rows_digest(pa.Table.from_batches([batch])))
+                rows += batch.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise SnapshotIntegrityError(
+                f"snapshot {snapshot}: {meta['file']} cannot be read ({exc.__class__.__name__}); re-extract the "
+                "interval"
+            ) from None
+        if rows != meta["rows"] or digest.hexdigest() != meta["sha256"]:
+            raise SnapshotIntegrityError(
+                f"snapshot {snapshot}: {meta['file']} ({rows:,} rows) does not match the manifest ({meta['rows']:,} "
+                f"rows, sha256 {meta['sha256'][:12]}...): the file was changed after extraction; re-extract the "
+                "interval (mtl extract) rather than train on it"
+            )
+    return manifest
 
 
 def read_manifest(snapshot_dir: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mtl_core.config import Settings, TaskSpec
+from mtl_core.data.extract import verify_snapshot
 from mtl_core.judge.metrics import fit_logistic, task_metrics
 from mtl_core.learn import TrainingError
 from mtl_core.learn.batches import Batch, TaskSampler, TensorData, predict
@@ -176,6 +177,7 @@ def train_on_snapshot(
 ) -> TrainResult:
     """Build the snapshot's examples and train on them (``mtl train``; the DAG builds its examples once)."""
     tasks = _select_tasks(settings, single_task)
+    verify_snapshot(snapshot_dir)
     examples = build_examples(snapshot_dir, settings.features, tasks)
     return train_model(examples, out_dir, settings, single_task, warm_start, resume, progress, source=snapshot_dir)
 

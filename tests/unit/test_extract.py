@@ -131,3 +131,20 @@ def test_describe_gives_counts_and_label_rates(shop_url, tmp_path):
     assert 0.01 < rates["ctr"] < 0.08 and 0.0 < rates["cvr"] < 0.3 and 0.0 < rates["churn"] < 0.6
     assert rates["ad_ctr"] == pytest.approx(info["events"]["ad_click"] / info["events"]["ad_impression"], abs=1e-4)
     json.dumps(info)  # JSON-ready for --json
+
+
+def test_a_tampered_snapshot_is_refused_naming_the_table(shop_url, tmp_path):
+    from mtl_core.data.extract import SnapshotIntegrityError, verify_snapshot
+
+    engine = wh.make_engine(shop_url)
+    manifest = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "snap")
+    assert verify_snapshot(tmp_path / "snap") == manifest  # an untouched snapshot passes
+    path = tmp_path / "snap" / "behavior_events.parquet"
+    table = pq.read_table(path).to_pandas()
+    table.loc[table.index[:5], "user_id"] = 999_999  # a few rows rewritten: same row count, same schema
+    table.to_parquet(path, index=False)
+    with pytest.raises(SnapshotIntegrityError, match=r"behavior_events\.parquet .*does not match the manifest"):
+        verify_snapshot(tmp_path / "snap")
+    path.unlink()
+    with pytest.raises(SnapshotIntegrityError, match=r"behavior_events\.parquet is missing"):
+        verify_snapshot(tmp_path / "snap")

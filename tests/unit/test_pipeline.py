@@ -1,11 +1,22 @@
-"""The DAG's step functions that need neither Airflow nor MLflow: window, previous snapshot, on-call message."""
+"""The DAG's step functions that need neither Airflow nor MLflow: window, previous snapshot, on-call message,
+snapshot integrity."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_training_env
+
 from mtl_core import pipeline
+from mtl_core.artifacts import Snapshot
 from mtl_core.config import load_settings
+from mtl_core.data import warehouse as wh
+from mtl_core.data.extract import SnapshotIntegrityError, extract_snapshot
+from mtl_core.data.shop import ShopSpec, write_shop
+from mtl_core.learn.training import train_on_snapshot
 
 
 def test_training_window_is_lookback_plus_history_ending_at_the_interval_end(tmp_path):
@@ -49,3 +60,24 @@ def test_oncall_message_says_what_where_why_and_what_next(tmp_path):
     extract = pipeline.oncall_message("d", "r", "extract", "timeout", settings)
     assert "db:5432" in extract and "s3cret" not in extract  # where to look, without the password
     assert all(task in pipeline.NEXT_STEP for task in ("extract", "validate", "train_challenger", "register", "gate"))
+
+
+def test_a_tampered_snapshot_stops_validate_and_build_features_and_mtl_train(tmp_path, tiny_bert_path):
+    settings = load_settings(environ=tiny_training_env(tmp_path, tiny_bert_path))
+    engine = wh.make_engine(settings.resolved_warehouse_url)
+    write_shop(engine, ShopSpec(users=300, items=80, days=21, seed=2))
+    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "snap")
+    items = pq.read_table(tmp_path / "snap" / "items.parquet")
+    prices = items["price"].to_pylist()
+    prices[0] = 0.01  # one price changed after extraction; the file otherwise as written
+    column = pa.array(prices, items.schema.field("price").type)
+    pq.write_table(
+        items.set_column(items.schema.get_field_index("price"), "price", column), tmp_path / "snap" / "items.parquet"
+    )
+    snapshot = Snapshot.load(tmp_path / "snap")
+    with pytest.raises(SnapshotIntegrityError, match=r"items\.parquet .*does not match the manifest"):
+        pipeline.validate(settings, snapshot)
+    with pytest.raises(SnapshotIntegrityError, match=r"items\.parquet .*does not match the manifest"):
+        pipeline.build_features(settings, snapshot, "k")
+    with pytest.raises(SnapshotIntegrityError, match=r"items\.parquet"):
+        train_on_snapshot(tmp_path / "snap", tmp_path / "model", settings, progress=False)
