@@ -150,14 +150,16 @@ def demo_command(
 def validate_command(
     snapshot: Annotated[Path, typer.Option(help="Snapshot directory (mtl extract)")],
     previous: Annotated[Path | None, typer.Option(help="The previous run's snapshot, for volume checks")] = None,
+    config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run the Great Expectations suites of expectations/ on a snapshot; exit 1 if any expectation fails."""
     from mtl_core.data.extract import verify_snapshot
     from mtl_core.quality import validate_command_output, validate_snapshot
 
+    settings = _settings(config)
     verify_snapshot(snapshot)
-    report = validate_snapshot(snapshot, previous)
+    report = validate_snapshot(snapshot, previous, settings.expectations_dir)
     _print(report.summary(), as_json, validate_command_output(report))
     if not report.success:
         raise typer.Exit(code=1)

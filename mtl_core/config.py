@@ -211,6 +211,12 @@ class Settings(_Strict):
     # Empty means MLflow's own MLFLOW_TRACKING_URI (read by load_settings), else sqlite:///<data_dir>/mlflow.db
     mlflow_tracking_uri: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Where the frozen encoder's vectors are cached (empty: <data_dir>/text_cache); MTL_TEXT_CACHE_DIR.
+    # A shared cache saves re-encoding across installations; the served model reads the same variable.
+    text_cache_dir: Path | None = None
+    # The Great Expectations suites (empty: the repository's expectations/); MTL_EXPECTATIONS_DIR, e.g. a
+    # container mount.
+    expectations_dir: Path | None = None
     shop: ShopSettings = ShopSettings()
     tasks: list[TaskSpec] = DEFAULT_TASKS
     features: FeatureSettings = FeatureSettings()
@@ -231,6 +237,10 @@ class Settings(_Strict):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def resolved_text_cache_dir(self) -> Path:
+        return self.text_cache_dir or self.data_dir / "text_cache"
 
     @property
     def snapshots_dir(self) -> Path:

@@ -114,7 +114,7 @@ def validate(settings: Settings, snapshot: Snapshot) -> Snapshot:
     from mtl_core.quality import run_validation
 
     verify_snapshot(snapshot.uri)
-    run_validation(snapshot.uri, previous_snapshot(settings, snapshot.uri))
+    run_validation(snapshot.uri, previous_snapshot(settings, snapshot.uri), settings.expectations_dir)
     return snapshot
 
 
@@ -134,7 +134,7 @@ def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> Exam
             f"task(s) {', '.join(empty)} have no examples in some split of {snapshot.uri}: {json.dumps(empty)}"
         )
     if settings.text.enabled:
-        text_matrix(examples.texts, settings, settings.data_dir / "text_cache", progress=False)
+        text_matrix(examples.texts, settings, settings.resolved_text_cache_dir, progress=False)
     out = run_dir(settings, run_key) / "examples"
     save_examples(examples, out)
     return ExampleSet(

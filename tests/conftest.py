@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 from mtl_core.data import warehouse as wh
 
 # The local server of the development and CI machines; override to point the tests elsewhere.
-PG_ADMIN_URL = os.environ.get("MTL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# Not MTL_*: that prefix belongs to the settings, which refuse a variable they do not know.
+PG_ADMIN_URL = os.environ.get("MTLTEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture

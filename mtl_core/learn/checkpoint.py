@@ -117,7 +117,7 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
         settings=settings,
         task_names=stored["task_names"],
         text_in=stored["text_in"],
-        cache_dir=Path(cache_dir) if cache_dir else settings.data_dir / "text_cache",
+        cache_dir=Path(cache_dir) if cache_dir else settings.resolved_text_cache_dir,
     )
 
 

@@ -217,7 +217,7 @@ def train_model(
         space = previous.space.extended(examples, train_rows)
     else:
         space = FeatureSpace.fit(examples, train_rows)
-    cache_dir = settings.data_dir / "text_cache"
+    cache_dir = settings.resolved_text_cache_dir
     encoder = finetuned_encoder(settings)
     if encoder is not None:
         tokens = encoder.tokenize(["", *examples.texts])

@@ -70,7 +70,6 @@ the snapshot because it describes exactly that content: a re-extraction replaces
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -117,10 +116,6 @@ class ValidationSetupError(MtlError):
 
 
 # ---- suites ----------------------------------------------------------------------------------------------
-def expectations_dir_default() -> Path:
-    return Path(os.environ.get("MTL_EXPECTATIONS_DIR") or DEFAULT_EXPECTATIONS_DIR)
-
-
 def _suite_parameters(node: Any) -> set[str]:
     """Names used as {"$PARAMETER": name} anywhere in a suite's expectations."""
     if isinstance(node, dict):
@@ -146,7 +141,8 @@ def load_suite(path: Path, table: str) -> Any:
     if not path.is_file():
         raise ValidationSetupError(
             f"no expectation suite for table {table}: {path} is missing (expectations/ holds one GX suite JSON "
-            "per source table; restore it from git or point MTL_EXPECTATIONS_DIR at the right folder)"
+            "per source table; restore it from git or point the expectations_dir setting (MTL_EXPECTATIONS_DIR) "
+            "at the right folder)"
         )
     try:
         data = json.loads(path.read_text())
@@ -337,7 +333,7 @@ def validate_snapshot(
     snapshot = Path(snapshot_dir)
     manifest = _manifest(snapshot)
     previous = _manifest(Path(previous_snapshot_dir)) if previous_snapshot_dir is not None else None
-    suites_dir = Path(expectations_dir) if expectations_dir is not None else expectations_dir_default()
+    suites_dir = Path(expectations_dir) if expectations_dir is not None else DEFAULT_EXPECTATIONS_DIR
     report = ValidationReport(
         snapshot_dir=snapshot,
         previous_snapshot_dir=Path(previous_snapshot_dir) if previous_snapshot_dir is not None else None,
@@ -439,9 +435,13 @@ def _write_outputs(report: ValidationReport, context: Any, staging: Path, data_d
     replace_dir(staging, final)
 
 
-def run_validation(snapshot_dir: str | Path, previous_snapshot_dir: str | Path | None = None) -> dict[str, Any]:
+def run_validation(
+    snapshot_dir: str | Path,
+    previous_snapshot_dir: str | Path | None = None,
+    expectations_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """The pipeline step: validate and return the summary, or raise ValidationFailed listing every failure."""
-    report = validate_snapshot(snapshot_dir, previous_snapshot_dir)
+    report = validate_snapshot(snapshot_dir, previous_snapshot_dir, expectations_dir)
     if not report.success:
         raise ValidationFailed(report)
     return report.summary()

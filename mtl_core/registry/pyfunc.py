@@ -68,7 +68,8 @@ class MultiTaskPyfunc(PythonModel):
 
 
 def _serving_cache_dir(trained: Path) -> Path:
-    """Where text vectors are cached while serving: ``MTL_TEXT_CACHE_DIR``, else the training cache when it
+    """Where text vectors are cached while serving: ``MTL_TEXT_CACHE_DIR`` (the ``text_cache_dir`` setting's
+    variable), else the training cache when it
     is on this machine (its vectors are reused), else a temporary directory (never the artifact store)."""
     if os.environ.get("MTL_TEXT_CACHE_DIR"):
         return Path(os.environ["MTL_TEXT_CACHE_DIR"])

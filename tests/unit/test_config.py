@@ -62,3 +62,17 @@ def test_broken_config_file(tmp_path, content, problem):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings("/nonexistent/mtl.yaml", environ={})
+
+
+def test_the_paths_outside_the_data_dir_are_settings_from_their_mtl_variables(tmp_path):
+    """MTL_TEXT_CACHE_DIR and MTL_EXPECTATIONS_DIR are settings: setting them must not stop everything."""
+    settings = load_settings(
+        environ={
+            "MTL_DATA_DIR": str(tmp_path),
+            "MTL_TEXT_CACHE_DIR": str(tmp_path / "shared_cache"),
+            "MTL_EXPECTATIONS_DIR": str(tmp_path / "suites"),
+        }
+    )
+    assert settings.resolved_text_cache_dir == tmp_path / "shared_cache"
+    assert settings.expectations_dir == tmp_path / "suites"
+    assert load_settings(environ={"MTL_DATA_DIR": str(tmp_path)}).resolved_text_cache_dir == tmp_path / "text_cache"
