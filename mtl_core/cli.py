@@ -76,9 +76,9 @@ def simulate_command(
         _fail(f"--start {start or shop.start!r} is not a date; use YYYY-MM-DD")
     try:
         spec = ShopSpec(
-            users=users or shop.users,
-            items=items or shop.items,
-            days=days or shop.days,
+            users=shop.users if users is None else users,
+            items=shop.items if items is None else items,
+            days=shop.days if days is None else days,
             start=first_day,
             seed=shop.seed if seed is None else seed,
             drift_day=shop.drift_day if drift_day is None else drift_day,
@@ -319,13 +319,27 @@ def import_logs_command(
         raise typer.Exit(code=1)
 
 
+ERROR_LINE_CHARACTERS = 600  # an error line must stay readable in a terminal and an on-call message
+
+
+def error_line(exc: Exception) -> str:
+    """The error as one line of readable length: a message that quotes a huge input is cut, and says so."""
+    lines = str(exc).strip().splitlines() or [exc.__class__.__name__]
+    line = lines[0]
+    if len(line) > ERROR_LINE_CHARACTERS:
+        line = f"{line[:ERROR_LINE_CHARACTERS]}... ({len(line) - ERROR_LINE_CHARACTERS:,} more characters)"
+    if len(lines) > 1:
+        line += f" (and {len(lines) - 1} more line(s); run the step through its Python function for all of it)"
+    return line
+
+
 def main() -> None:
     """Entry point: known problems become one clear line on stderr and exit code 2, never a traceback."""
     try:
         # Without standalone mode click returns the exit code of typer.Exit instead of exiting.
         code = app(standalone_mode=False)
     except MtlError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {error_line(exc)}", err=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

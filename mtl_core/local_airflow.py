@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,12 @@ def run_dag_in_process(
     if quiet:
         with _stdout_to_stderr():
             return run_dag_in_process(settings, logical_date, conf)
+    try:
+        date.fromisoformat(logical_date[:10])
+    except ValueError:
+        raise MtlError(
+            f"--logical-date {logical_date!r} is not a date; use YYYY-MM-DD (the end of the interval to replay)"
+        ) from None
     prepare_airflow(settings)
     import pendulum
     from airflow.dag_processing.dagbag import DagBag

@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from mtl_core.data import warehouse as wh
+from mtl_core.errors import MtlError
 
 SECONDS_PER_DAY = 86_400
 CHURN_HORIZON_DAYS = 14
@@ -104,6 +106,10 @@ class ShopSpec:
             raise ValueError(f"users, items and days must be positive, got {self.users}, {self.items}, {self.days}")
         if self.drift_day is not None and not 0 <= self.drift_day < self.days:
             raise ValueError(f"drift day {self.drift_day} is outside the simulated days 0..{self.days - 1}")
+
+
+class ShopExistsError(MtlError, FileExistsError):
+    """The warehouse already holds events and ``replace`` was not asked for."""
 
 
 @dataclass
@@ -542,7 +548,10 @@ def write_shop(engine: Engine, spec: ShopSpec, replace: bool = False) -> ShopSum
     emptied first, in the same transaction, so a failure leaves the old contents in place).
     """
     began = time.perf_counter()
-    wh.create_schema(engine)
+    try:
+        wh.create_schema(engine)  # the first contact: a warehouse that does not answer fails before simulating
+    except SQLAlchemyError as exc:
+        raise wh.connection_problem(engine, exc) from exc
     shop = generate(spec)
     day_ts = lambda d: shop.t0 + (np.asarray(d) * SECONDS_PER_DAY).astype("timedelta64[s]")  # noqa: E731
     users = {
@@ -575,29 +584,32 @@ def write_shop(engine: Engine, spec: ShopSpec, replace: bool = False) -> ShopSum
         "drift_day": spec.drift_day,
         "drift_strength": spec.drift_strength,
     }
-    with engine.begin() as conn:
-        already = conn.execute(select(wh.behavior_events.c.event_id).limit(1)).first()
-        if already is not None and not replace:
-            raise FileExistsError(
-                f"the warehouse at {engine.url.render_as_string(hide_password=True)} already holds events; "
-                "simulate into an empty warehouse or pass --replace to overwrite it"
-            )
-        for table in (*wh.SOURCE_TABLES, *wh.TRUTH_TABLES):
-            conn.execute(delete(wh.metadata.tables[table]))
-        wh.bulk_insert(conn, wh.users, users)
-        wh.bulk_insert(conn, wh.items, items)
-        wh.bulk_insert(conn, wh.behavior_events, behavior)
-        wh.bulk_insert(conn, wh.ad_events, ads)
-        wh.bulk_insert(conn, wh.truth_events, truth_events)
-        wh.bulk_insert(conn, wh.truth_users, truth_users)
-        wh.bulk_insert(
-            conn,
-            wh.truth_shop,
-            {
-                "key": np.asarray(list(facts), dtype=object),
-                "value": np.asarray([json.dumps(v) for v in facts.values()], dtype=object),
-            },
-        )
+    tables = {
+        wh.users: users,
+        wh.items: items,
+        wh.behavior_events: behavior,
+        wh.ad_events: ads,
+        wh.truth_events: truth_events,
+        wh.truth_users: truth_users,
+        wh.truth_shop: {
+            "key": np.asarray(list(facts), dtype=object),
+            "value": np.asarray([json.dumps(v) for v in facts.values()], dtype=object),
+        },
+    }
+    try:
+        with engine.begin() as conn:
+            already = conn.execute(select(wh.behavior_events.c.event_id).limit(1)).first()
+            if already is not None and not replace:
+                raise ShopExistsError(
+                    f"the warehouse at {engine.url.render_as_string(hide_password=True)} already holds events; "
+                    "simulate into an empty warehouse or pass --replace to overwrite it"
+                )
+            for table in (*wh.SOURCE_TABLES, *wh.TRUTH_TABLES):
+                conn.execute(delete(wh.metadata.tables[table]))
+            for table, columns in tables.items():
+                wh.bulk_insert(conn, table, columns)
+    except SQLAlchemyError as exc:
+        raise wh.connection_problem(engine, exc) from exc
     f = shop.feed
     summary = ShopSummary(spec=spec, seconds=time.perf_counter() - began)
     summary.rows = {

@@ -31,6 +31,10 @@ from sqlalchemy import (
     make_url,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from mtl_core.config import redact
+from mtl_core.errors import MtlError
 
 BEHAVIOR_EVENT_TYPES = ("impression", "click", "add_to_cart", "purchase", "favorite")
 AD_EVENT_TYPES = ("ad_impression", "ad_click")
@@ -133,16 +137,42 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class WarehouseError(MtlError):
+    """The warehouse URL is wrong or the warehouse cannot be reached; the message names it (no password)."""
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for the warehouse; for SQLite the parent directory is created."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url)
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    """An engine for the warehouse; for SQLite the parent directory is created. Connects lazily."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise WarehouseError(
+            f"the warehouse URL {redact(str(url))!r} cannot be parsed; use sqlite:///path/to/warehouse.db or "
+            "postgresql+psycopg://user@host:5432/database (setting warehouse_url, MTL_WAREHOUSE_URL or --db)"
+        ) from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(parsed)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_engine(parsed, pool_pre_ping=True)
+    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
+        raise WarehouseError(
+            f"the warehouse URL {parsed.render_as_string(hide_password=True)!r} names a database driver this "
+            f"installation lacks ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); the warehouse runs "
+            "on sqlite:/// or postgresql+psycopg://"
+        ) from None
+
+
+def connection_problem(engine: Engine, exc: Exception) -> WarehouseError:
+    """One line for a warehouse that refused or did not answer (the caller raises it ``from exc``)."""
+    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+    return WarehouseError(
+        f"cannot use the warehouse at {engine.url.render_as_string(hide_password=True)}: "
+        f"{exc.__class__.__name__}: {first}"
+    )
 
 
 def create_schema(engine: Engine) -> None:

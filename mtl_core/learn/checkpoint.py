@@ -90,6 +90,11 @@ def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> Lo
     path = Path(model_dir)
     if not (path / MODEL_FILE).is_file():
         raise TrainingError(f"{path} is not a model directory: {MODEL_FILE} is missing (train one with mtl train)")
+    for name in (SETTINGS_FILE, FEATURES_FILE):
+        if not (path / name).is_file():
+            raise TrainingError(
+                f"{path} is not a whole model directory: {name} is missing (re-train or re-download it)"
+            )
     stored = _load_tensors(path / MODEL_FILE)
     saved = json.loads((path / SETTINGS_FILE).read_text())
     # A model saved before text.pooling and model.transfer existed was trained with whole-text vectors and
