@@ -32,10 +32,15 @@ RETRYING = {
 
 def run_settings() -> Settings:
     """This run's settings: the files and environment, the run's conf overrides, Airflow Connections."""
-    from mtl_core.config import merge_overrides
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mtl_core.config import ConfigError, merge_overrides
 
     context = get_current_context()
-    settings = merge_overrides(load_settings(), (context["dag_run"].conf or {}).get("settings", {}))
+    try:
+        settings = merge_overrides(load_settings(), (context["dag_run"].conf or {}).get("settings", {}))
+    except ConfigError as exc:  # a wrong conf stays wrong: fail at once, no retries
+        raise AirflowFailException(str(exc)) from None
     updates = {}
     for conn_id, field in (("mtl_warehouse", "warehouse_url"), ("mtl_mlflow", "mlflow_tracking_uri")):
         uri = _connection_uri(conn_id)
@@ -143,8 +148,11 @@ def mtl_retrain():
     def gate(registered: str) -> str:
         from mtl_core import pipeline
         from mtl_core.artifacts import RegisteredModel
+        from mtl_core.config import gate_overrides
 
-        decision = pipeline.gate(run_settings(), RegisteredModel.load(registered))
+        settings = run_settings()
+        overrides = gate_overrides(load_settings(), settings)  # only when pipeline.allow_gate_overrides is on
+        decision = pipeline.gate(settings, RegisteredModel.load(registered), overrides)
         get_current_context()["ti"].xcom_push(key="decision", value=decision.uri)
         return "promote" if decision.promote else "record_rejection"
 

@@ -202,6 +202,10 @@ class PipelineSettings(_Strict):
     webhook_url: str = ""
     retries: int = Field(2, ge=0)
     retry_delay_seconds: int = Field(30, ge=0)
+    # Whether a run's conf may change what decides promotion (task names, floors, gate.*). Off, a conf that
+    # tries is refused; on, the change is recorded on the version. Only the settings file or the environment
+    # can turn it on, never a run's conf.
+    allow_gate_overrides: bool = False
 
 
 class Settings(_Strict):
@@ -286,16 +290,50 @@ def _describe(error: dict[str, Any], origin: dict[tuple[str, ...], str], config_
 
 
 def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
-    """The settings with a nested dict of overrides applied (a DAG run's conf), validated like a file."""
+    """The settings with a nested dict of overrides applied (a DAG run's conf), validated like a file.
+
+    A conf may not change what decides promotion unless ``pipeline.allow_gate_overrides`` is on (see
+    ``gate_overrides``), and may never turn that switch on itself.
+    """
     if not overrides:
         return settings
     try:
-        return Settings(**_deep_merge(settings.model_dump(), overrides))
+        merged = Settings(**_deep_merge(settings.model_dump(), overrides))
     except ValidationError as exc:
         problems = "; ".join(
             _describe(err, {}, None).replace("(from defaults)", "(from the run's conf)") for err in exc.errors()
         )
         raise ConfigError(f"invalid settings override: {problems}") from None
+    if merged.pipeline.allow_gate_overrides != settings.pipeline.allow_gate_overrides:
+        raise ConfigError(
+            "a run's conf cannot change pipeline.allow_gate_overrides; set it in the settings file or with "
+            "MTL_PIPELINE__ALLOW_GATE_OVERRIDES"
+        )
+    changed = gate_overrides(settings, merged)
+    if changed and not settings.pipeline.allow_gate_overrides:
+        raise ConfigError(
+            f"the run's conf changes what decides promotion ({'; '.join(f'{k}: {v}' for k, v in changed.items())}), "
+            "which needs pipeline.allow_gate_overrides: true in the settings file or environment (the change is "
+            "then recorded on the model version)"
+        )
+    return merged
+
+
+def gate_overrides(base: Settings, effective: Settings) -> dict[str, str]:
+    """What ``effective`` changes of the settings that decide promotion: the tasks judged, their floors, gate.*."""
+    changed: dict[str, str] = {}
+    before, after = [t.name for t in base.tasks], [t.name for t in effective.tasks]
+    if before != after:
+        changed["tasks"] = f"{','.join(before)} -> {','.join(after)}"
+    floors_before = {t.name: t.floor for t in base.tasks}
+    for task in effective.tasks:
+        if task.name in floors_before and task.floor != floors_before[task.name]:
+            changed[f"tasks.{task.name}.floor"] = f"{floors_before[task.name]} -> {task.floor}"
+    gate_before, gate_after = base.gate.model_dump(), effective.gate.model_dump()
+    for key, value in gate_after.items():
+        if value != gate_before[key]:
+            changed[f"gate.{key}"] = f"{gate_before[key]} -> {value}"
+    return changed
 
 
 def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:

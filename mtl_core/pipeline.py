@@ -274,13 +274,19 @@ def register(settings: Settings, run_key: str, comparison: Comparison) -> Regist
     ).save()
 
 
-def gate(settings: Settings, registered: RegisteredModel) -> GateDecision:
-    """Decide and record the decision on the version, pass or fail; the alias moves in ``promote``."""
+def gate(settings: Settings, registered: RegisteredModel, overrides: dict[str, str] | None = None) -> GateDecision:
+    """Decide and record the decision on the version, pass or fail; the alias moves in ``promote``.
+
+    ``overrides``: what this run's conf changed of the settings that decide promotion (``config.gate_overrides``),
+    recorded with the decision.
+    """
     from mtl_core.judge.gate import decide
     from mtl_core.registry.decisions import record_decision
 
     comparison = Comparison.load(registered.comparison).as_gate_input()
     decision = decide(comparison, list(settings.tasks), settings.gate)
+    if overrides:
+        decision.rule["overrides"] = dict(overrides)
     document = record_decision(_client(settings), registered.model_name, registered.version, decision, comparison)
     return GateDecision(
         uri=str(Path(registered.uri).parent / "decision.json"),

@@ -29,6 +29,11 @@ def describe(decision: Decision, version: int | str, champion_version: int | str
         "",
         decision.reason,
         "",
+        *(
+            [f"Settings that decide promotion were overridden by the run's conf: {decision.rule['overrides']}", ""]
+            if decision.rule.get("overrides")
+            else []
+        ),
         "| task | challenger AUC | champion AUC | delta | 95% interval | floor | passed |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -85,6 +90,8 @@ def record_decision(
             "gate.min_delta": str(decision.rule.get("min_delta")),
             "gate.champion_version": str(champion_version) if champion_version is not None else "none",
         }
+        if decision.rule.get("overrides"):  # a run's conf changed what decides promotion, as allowed
+            tags["gate.overrides"] = json.dumps(decision.rule["overrides"], sort_keys=True)
         for name, row in decision.per_task.items():
             tags[f"gate.{name}.passed"] = str(row["passed"]).lower()
             for key in ("auc_delta", "challenger_auc", "champion_auc"):

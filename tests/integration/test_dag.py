@@ -231,3 +231,15 @@ def test_rollback_restores_the_previous_champion_and_status_shows_it(installatio
     out = runner.invoke(app, ["status", "--json"])
     state = json.loads(out.output)
     assert state["champion"]["version"] == previous == 1 and set(state["champion"]["metrics"]) >= set(TASKS)
+
+
+def test_a_wrong_run_conf_stops_at_the_first_task_and_a_gate_override_is_refused(installation):
+    settings, _ = installation
+    for conf in (
+        {"settings": {"trian": {"epochs": 1}}},
+        {"settings": {"gate": {"min_delta": -1.0}}},
+        {"settings": {"tasks": [t.model_dump() | {"floor": 0.0} for t in settings.tasks]}},
+    ):
+        states = _run(settings, WEEK[6], conf)
+        assert states["extract"] == "failed", (conf, states)
+        assert all(state == "upstream_failed" for task, state in states.items() if task != "extract"), states

@@ -76,3 +76,30 @@ def test_the_paths_outside_the_data_dir_are_settings_from_their_mtl_variables(tm
     assert settings.resolved_text_cache_dir == tmp_path / "shared_cache"
     assert settings.expectations_dir == tmp_path / "suites"
     assert load_settings(environ={"MTL_DATA_DIR": str(tmp_path)}).resolved_text_cache_dir == tmp_path / "text_cache"
+
+
+def test_a_runs_conf_cannot_change_what_decides_promotion_unless_allowed(tmp_path):
+    from mtl_core.config import gate_overrides, merge_overrides
+
+    base = load_settings(environ={"MTL_DATA_DIR": str(tmp_path)})
+    lowered = [t.model_dump() | {"floor": 0.0} for t in base.tasks]
+    for conf, named in (
+        ({"tasks": lowered}, "tasks.ctr.floor: 0.6 -> 0.0"),
+        ({"tasks": [t.model_dump() for t in base.tasks if t.name != "churn"]}, "tasks: ctr,cvr,ad_ctr,churn -> "),
+        ({"gate": {"min_delta": 0.0, "require_significance": True}}, "gate.require_significance: False -> True"),
+    ):
+        with pytest.raises(ConfigError, match="changes what decides promotion") as caught:
+            merge_overrides(base, conf)
+        assert named in str(caught.value) and "pipeline.allow_gate_overrides" in str(caught.value)
+    with pytest.raises(ConfigError, match="cannot change pipeline.allow_gate_overrides"):
+        merge_overrides(base, {"pipeline": {"allow_gate_overrides": True}, "tasks": lowered})
+
+    # Training settings stay the conf's to change, task weights included: they do not decide promotion.
+    reweighted = [t.model_dump() | ({"weight": 0.0} if t.name == "churn" else {}) for t in base.tasks]
+    assert merge_overrides(base, {"tasks": reweighted, "train": {"epochs": 1}}).train.epochs == 1
+
+    allowed = load_settings(environ={"MTL_DATA_DIR": str(tmp_path), "MTL_PIPELINE__ALLOW_GATE_OVERRIDES": "true"})
+    merged = merge_overrides(allowed, {"tasks": lowered})
+    assert gate_overrides(allowed, merged)["tasks.churn.floor"] == "0.6 -> 0.0"
+    with pytest.raises(ConfigError, match="unknown setting 'trian'"):
+        merge_overrides(base, {"trian": {"epochs": 1}})

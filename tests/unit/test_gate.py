@@ -210,3 +210,18 @@ def test_a_pass_is_recorded_too_against_the_current_champion(client, tmp_path):
     assert mv.tags["gate.verdict"] == "promote" and mv.tags["gate.champion_version"] == "none"
     assert mv.tags["gate.ctr.auc_delta"] == "none"
     assert "no champion" in mv.description
+
+
+def test_an_allowed_override_of_the_gate_is_recorded_on_the_version(client, tmp_path):
+    version, _ = _version(client, tmp_path)
+    cmp = comparison(ALL_BETTER)
+    decision = decide(cmp, TASKS, GateSettings())
+    decision.rule["overrides"] = {"tasks.churn.floor": "0.6 -> 0.0"}  # what pipeline.gate adds for such a run
+    record_decision(client, "mtl_recommender", version, decision, cmp, champion_version=7)
+    mv = client.get_model_version("mtl_recommender", version)
+    assert json.loads(mv.tags["gate.overrides"]) == {"tasks.churn.floor": "0.6 -> 0.0"}
+    assert "overridden by the run's conf" in mv.description
+    (tmp_path / "other").mkdir()
+    plain_version, _ = _version(client, tmp_path / "other", name="other_model")
+    record_decision(client, "other_model", plain_version, decide(cmp, TASKS, GateSettings()), cmp, champion_version=1)
+    assert "gate.overrides" not in client.get_model_version("other_model", plain_version).tags
