@@ -123,7 +123,7 @@ def mtl_retrain():
 
         return pipeline.build_features(run_settings(), Snapshot.load(snapshot), run_id).uri
 
-    @task
+    @task(**RETRYING)  # a retry resumes from the checkpoint the failed attempt left
     def train_challenger(example_set: str, run_id=None) -> str:
         from mtl_core import pipeline
         from mtl_core.artifacts import ExampleSet

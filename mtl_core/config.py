@@ -202,6 +202,8 @@ class PipelineSettings(_Strict):
     webhook_url: str = ""
     retries: int = Field(2, ge=0)
     retry_delay_seconds: int = Field(30, ge=0)
+    # Training checkpoints left by runs killed mid-training are removed once older than this.
+    checkpoint_retention_days: int = Field(7, ge=0)
     # Whether a run's conf may change what decides promotion (task names, floors, gate.*). Off, a conf that
     # tries is refused; on, the change is recorded on the version. Only the settings file or the environment
     # can turn it on, never a run's conf.

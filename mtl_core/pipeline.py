@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,9 @@ def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) 
     """
     from mtl_core.learn.training import train_model
 
+    removed = remove_abandoned_checkpoints(settings, keep=run_dir(settings, run_key))
+    if removed:
+        log.info("removed %d abandoned training checkpoint(s): %s", len(removed), ", ".join(map(str, removed)))
     champion = fetch_champion(settings, run_key)
     warm = champion.model_dir if settings.pipeline.warm_start and champion else None
     out = run_dir(settings, run_key) / "challenger"
@@ -190,6 +194,25 @@ def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) 
         seconds=round(result.seconds, 1),
         history=result.history,
     ).save()
+
+
+def remove_abandoned_checkpoints(settings: Settings, keep: Path | None = None) -> list[Path]:
+    """Delete the training checkpoints of other runs untouched for ``pipeline.checkpoint_retention_days``.
+
+    A run killed mid-training leaves its checkpoint (weights and optimiser state) behind; a retry within the
+    retention resumes from it, after that nobody will.
+    """
+    from mtl_core.learn.checkpoint import CHECKPOINT_FILE
+
+    horizon = time.time() - settings.pipeline.checkpoint_retention_days * 86_400
+    removed = []
+    for checkpoint in (settings.data_dir / "runs").glob(f"*/*/{CHECKPOINT_FILE}"):
+        if keep is not None and keep in checkpoint.parents:
+            continue
+        if checkpoint.stat().st_mtime < horizon:
+            checkpoint.unlink(missing_ok=True)
+            removed.append(checkpoint)
+    return removed
 
 
 def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:

@@ -160,6 +160,8 @@ def test_the_dag_folder_has_no_import_errors(installation):
     dag = bag.get_dag("mtl_retrain")
     assert dag.max_active_runs == 1 and not dag.catchup
     assert dag.get_task("extract").retries == 0 and set(dag.task_ids) >= {"validate", "gate", "promote"}
+    for task in ("extract", "train_challenger", "register"):  # training resumes from its checkpoint on a retry
+        assert dag.get_task(task).retry_exponential_backoff, task
 
 
 def test_first_run_promotes(first_run):

@@ -81,3 +81,19 @@ def test_a_tampered_snapshot_stops_validate_and_build_features_and_mtl_train(tmp
         pipeline.build_features(settings, snapshot, "k")
     with pytest.raises(SnapshotIntegrityError, match=r"items\.parquet"):
         train_on_snapshot(tmp_path / "snap", tmp_path / "model", settings, progress=False)
+
+
+def test_abandoned_checkpoints_are_removed_after_the_retention(tmp_path):
+    import os
+    import time
+
+    settings = load_settings(environ={"MTL_DATA_DIR": str(tmp_path), "MTL_PIPELINE__CHECKPOINT_RETENTION_DAYS": "7"})
+    old, fresh, current = (pipeline.run_dir(settings, key) / "challenger" / "checkpoint.pt" for key in "abc")
+    for checkpoint in (old, fresh, current):
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"weights")
+    eight_days_ago = time.time() - 8 * 86_400
+    for checkpoint in (old, current):
+        os.utime(checkpoint, (eight_days_ago, eight_days_ago))
+    removed = pipeline.remove_abandoned_checkpoints(settings, keep=pipeline.run_dir(settings, "c"))
+    assert removed == [old] and not old.exists() and fresh.exists() and current.exists()
