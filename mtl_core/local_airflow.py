@@ -45,10 +45,19 @@ def prepare_airflow(settings: Settings) -> None:
     """
     import subprocess
 
+    from mtl_core.locks import file_lock
+
     env = _airflow_env(settings)
     os.environ.update(env)
-    db_file = Path(env["AIRFLOW_HOME"]) / "airflow.db"
-    if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") and not db_file.exists():
+    home = Path(env["AIRFLOW_HOME"])
+    migrated = home / "airflow.db.migrated"
+    if not env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") or migrated.exists():
+        return
+    # Two first runs at once must not both migrate, nor one run on a database the other is still creating:
+    # the first migrates under the lock, the second waits and finds the marker.
+    with file_lock(home / "migrate.lock", what="airflow db migrate"):
+        if migrated.exists():
+            return
         migrate = subprocess.run(
             [sys.executable, "-m", "airflow", "db", "migrate"],
             env={**os.environ, **env},
@@ -57,6 +66,7 @@ def prepare_airflow(settings: Settings) -> None:
         )
         if migrate.returncode != 0:
             raise MtlError(f"airflow db migrate failed: {migrate.stderr.strip().splitlines()[-1:]}")
+        migrated.touch()
 
 
 @contextlib.contextmanager

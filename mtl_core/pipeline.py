@@ -306,11 +306,23 @@ def gate(settings: Settings, registered: RegisteredModel, overrides: dict[str, s
     from mtl_core.judge.gate import decide
     from mtl_core.registry.decisions import record_decision
 
-    comparison = Comparison.load(registered.comparison).as_gate_input()
+    compared = Comparison.load(registered.comparison)
+    comparison = compared.as_gate_input()
+    # The champion this challenger was scored against, not whichever holds the alias by now: promote checks
+    # that it still does.
+    champion = TrainedModel.load(compared.champion).version if compared.champion else None
     decision = decide(comparison, list(settings.tasks), settings.gate)
     if overrides:
         decision.rule["overrides"] = dict(overrides)
-    document = record_decision(_client(settings), registered.model_name, registered.version, decision, comparison)
+    document = record_decision(
+        _client(settings),
+        registered.model_name,
+        registered.version,
+        decision,
+        comparison,
+        champion_version=champion,
+        champion_known=True,
+    )
     return GateDecision(
         uri=str(Path(registered.uri).parent / "decision.json"),
         registered=registered.uri,
@@ -327,12 +339,32 @@ def gate(settings: Settings, registered: RegisteredModel, overrides: dict[str, s
 
 
 def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
-    """Move ``champion`` to the version (the old champion becomes ``previous``) and close the run."""
-    from mtl_core.registry.aliases import make_champion
+    """Move ``champion`` to the version (the old one becomes ``previous``), compare-and-set, and close the run.
+
+    Under a lock that holds across processes, the alias moves only if the champion is still the one the gate
+    compared against. Otherwise another run promoted meanwhile: this version is not promoted, the reason is
+    recorded on it, and the next run compares against the new champion.
+    """
+    from mtl_core.locks import store_lock
+    from mtl_core.registry.aliases import CHAMPION, current_alias, make_champion
+    from mtl_core.registry.decisions import record_refusal
     from mtl_core.registry.runs import finish_run
 
     client = _client(settings)
-    moved = make_champion(client, decision.model_name, decision.version, actor="mtl_retrain DAG", why=decision.reason)
+    model = decision.model_name
+    with store_lock(settings.resolved_warehouse_url, "promotion", settings.data_dir):
+        now = current_alias(client, model, CHAMPION)
+        if now not in (decision.champion_version, decision.version):  # the latter: a retry after it moved
+            against = f"v{decision.champion_version}" if decision.champion_version is not None else "no champion"
+            reason = (
+                f"not promoted: the gate compared v{decision.version} against {against}, but v{now} became champion "
+                "meanwhile (another run promoted it); the next run compares against it"
+            )
+            record_refusal(client, model, decision.version, reason)
+            finish_run(client, decision.run_id)
+            log.warning("%s", reason)
+            return {"model": model, "champion": now, "changed": False, "refused": reason}
+        moved = make_champion(client, model, decision.version, actor="mtl_retrain DAG", why=decision.reason)
     finish_run(client, decision.run_id)
     return moved
 

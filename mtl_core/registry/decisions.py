@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,18 @@ def record_decision(
     decision: Decision,
     comparison: dict[str, Any],
     champion_version: int | str | None = None,
+    *,
+    champion_known: bool = False,
 ) -> dict[str, Any]:
     """Write the decision onto the model version: tags, description, and ``gate/comparison.json`` on its run.
 
-    ``champion_version`` defaults to the version holding the ``champion`` alias now, so record before
-    promoting (the DAG does: decide, record, then promote).
-    Returns the JSON document that was written.
+    ``champion_version`` is the champion the comparison was made against; with ``champion_known`` it is
+    taken as given (None: there was none). Otherwise it defaults to the version holding the ``champion``
+    alias now, so record before promoting. Returns the JSON document that was written.
     """
     with mlflow_errors(f"recording the gate decision on {model_name} v{version}"):
         mv = client.get_model_version(model_name, str(version))
-        if champion_version is None:
+        if champion_version is None and not champion_known:
             champion_version = current_alias(client, model_name, CHAMPION)
             if champion_version is not None and str(champion_version) == str(version):
                 champion_version = current_alias(client, model_name, PREVIOUS)
@@ -107,3 +110,18 @@ def record_decision(
                 client.log_artifact(mv.run_id, str(path), str(Path(COMPARISON_ARTIFACT).parent))
             client.set_tag(mv.run_id, "gate.verdict", decision.verdict)
     return document
+
+
+def record_refusal(client: MlflowClient, model_name: str, version: int | str, reason: str) -> None:
+    """A version the gate passed but that was not promoted after all (the champion moved meanwhile)."""
+    with mlflow_errors(f"recording the refused promotion of {model_name} v{version}"):
+        mv = client.get_model_version(model_name, str(version))
+        tags = {
+            "gate.verdict": "reject",
+            "gate.reason": reason,
+            "gate.refused_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, str(version), key, value)
+        note = f"**Not promoted** ({tags['gate.refused_at']}): {reason}"
+        client.update_model_version(model_name, str(version), description=f"{note}\n\n{mv.description or ''}")

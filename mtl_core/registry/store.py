@@ -7,6 +7,7 @@ from one task at a time, and every call is idempotent so a retried task repeats 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,8 +73,14 @@ def configure(tracking_uri: str) -> MlflowClient:
             Path(uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        # Creating the client opens the store (and migrates a new SQLite database, which takes seconds).
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        if uri.startswith(("http://", "https://")):
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        # Creating the client opens the store and creates the schema of a new database, which takes seconds:
+        # two first runs at once must not both create it.
+        from mtl_core.locks import store_lock
+
+        with store_lock(uri, "mlflow-schema", Path(tempfile.gettempdir())):
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _probe_server(uri: str) -> None:
