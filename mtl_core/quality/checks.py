@@ -244,13 +244,96 @@ def check_references(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]
     return checks
 
 
+NEWEST_DAYS = 7  # the newest week: what the holdout is made of, and what a lost collector empties first
+
+
+def check_newest_week(
+    frames: Mapping[str, pd.DataFrame], interval: Mapping[str, str], low_ratio: float = 0.3, high_ratio: float = 3.0
+) -> list[dict[str, Any]]:
+    """The newest week against the weeks before it in the same snapshot: volume per day and label rates.
+
+    The volume bounds against the previous snapshot cover the whole window, so a week that lost nearly all
+    its events hides among four good ones. Here the newest week's rows per day must lie within
+    ``low_ratio``..``high_ratio`` of the earlier days', and each label rate within half to twice the earlier
+    rate (judged on the 99 % Wilson interval, so a small week is not called broken by chance).
+    """
+    start, end = _instant(interval["start"]), _instant(interval["end"])
+    cut = end - pd.Timedelta(days=NEWEST_DAYS)
+    history_days = (cut - start).total_seconds() / 86_400
+    checks: list[dict[str, Any]] = []
+
+    def add(check: str, name: str, table: str, column: str, success: bool, note: str, samples=None) -> None:
+        checks.append(
+            {
+                "check": check,
+                "name": name,
+                "table": table,
+                "column": column,
+                "success": success,
+                "skipped": False,
+                "unexpected_count": None,
+                "sample_values": samples or [],
+                "note": note,
+            }
+        )
+
+    newest = {table: (frames[table]["ts"] >= cut).to_numpy() for table in wh.EVENT_TABLES}
+    for table in wh.EVENT_TABLES:
+        recent, earlier = int(newest[table].sum()), int((~newest[table]).sum())
+        if history_days < NEWEST_DAYS or earlier == 0:
+            note = f"skipped: no earlier week in the snapshot to compare the newest {NEWEST_DAYS} days with"
+            add("expect_newest_week_volume_like_history", table, table, "ts", True, note)
+            checks[-1]["skipped"] = True
+            continue
+        per_day, before = recent / NEWEST_DAYS, earlier / history_days
+        ratio = per_day / before
+        note = (
+            f"the newest {NEWEST_DAYS} days hold {per_day:.1f} rows/day against {before:.1f} in the "
+            f"{history_days:g} days before (ratio {ratio:.2f}; allowed {low_ratio:g}..{high_ratio:g})"
+        )
+        add(
+            "expect_newest_week_volume_like_history",
+            table,
+            table,
+            "ts",
+            low_ratio <= ratio <= high_ratio,
+            note,
+            [round(ratio, 4)],
+        )
+    for rate in LABEL_RATES:
+        kinds = frames[rate.table]["event_type"].to_numpy()
+        recent = newest[rate.table]
+        num, den = int(((kinds == rate.numerator) & recent).sum()), int(((kinds == rate.denominator) & recent).sum())
+        num_before = int(((kinds == rate.numerator) & ~recent).sum())
+        den_before = int(((kinds == rate.denominator) & ~recent).sum())
+        if den == 0 or den_before == 0 or num_before == 0:
+            continue  # no such events in one of the two parts: the volume and rate bounds speak for them
+        before = num_before / den_before
+        low, high = _wilson(num, den)
+        success = not (high < 0.5 * before or low > 2.0 * before)
+        note = (
+            f"{rate.task} in the newest {NEWEST_DAYS} days {num / den:.4g} ({num}/{den}; 99% interval "
+            f"[{low:.4g}, {high:.4g}]) against {before:.4g} before; allowed half to twice that"
+        )
+        add(
+            "expect_newest_week_label_rate_like_history",
+            rate.task,
+            rate.table,
+            "event_type",
+            success,
+            note,
+            [round(num / den, 6)],
+        )
+    return checks
+
+
 def run_guarded(run: Any, frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
     """Run one whole-snapshot check; a table too broken to evaluate it (a missing column, ids that are not
     integers) becomes a failing check, as GX reports an expectation it could not evaluate."""
     try:
         return run(frames)
     except (KeyError, ValueError, TypeError) as exc:
-        name = run.__name__.removeprefix("check_")
+        name = getattr(run, "func", run).__name__.removeprefix("check_")  # a functools.partial names its func
         return [
             {
                 "check": f"check_{name}",

@@ -74,6 +74,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ from mtl_core.quality.checks import (
     check_failures,
     check_label_rates,
     check_leakage,
+    check_newest_week,
     check_references,
     duplicate_mostly,
     run_guarded,
@@ -387,7 +389,14 @@ def validate_snapshot(
             if volume is not None:
                 report.tables[table]["volume"] = volume
         report.checks = [
-            check for run in (check_label_rates, check_leakage, check_references) for check in run_guarded(run, frames)
+            check
+            for run in (
+                check_label_rates,
+                check_leakage,
+                check_references,
+                partial(check_newest_week, interval=report.interval),
+            )
+            for check in run_guarded(run, frames)
         ]
         report.failures += check_failures(report.checks)
         report.notes += [f"{c['check']} {c['name']}: {c['note']}" for c in report.checks if c.get("skipped")]

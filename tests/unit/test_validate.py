@@ -411,3 +411,35 @@ def test_a_directory_that_is_not_a_snapshot_is_a_clear_error(shop, tmp_path):
     (partial / "manifest.json").write_text("{")
     with pytest.raises(MtlError, match="manifest.json is not valid JSON"):
         validate.run_validation(partial)
+
+
+def test_a_collapsed_newest_week_fails_though_the_whole_window_looks_normal(tmp_path):
+    """The probe: 95 % of the newest week deleted passed, since volume bounds applied to the whole window."""
+    from sqlalchemy import delete
+
+    engine = wh.make_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    simulate.write_shop(engine, simulate.ShopSpec(users=400, items=120, days=35, seed=3))
+    interval = ("2026-01-05", "2026-02-09")
+    ingest.extract_snapshot(engine, *interval, tmp_path / "healthy")
+    report = validate.validate_snapshot(tmp_path / "healthy", data_docs=False)
+    assert report.success, validate.failure_message(report)
+    week = [c for c in report.checks if c["check"] == "expect_newest_week_volume_like_history"]
+    assert {c["table"] for c in week} == set(wh.EVENT_TABLES) and all(not c["skipped"] for c in week)
+
+    newest = datetime(2026, 2, 2)
+    with engine.begin() as conn:
+        for table in (wh.behavior_events, wh.ad_events):
+            ids = [
+                row[0]
+                for row in conn.execute(table.select().with_only_columns(table.c.event_id).where(table.c.ts >= newest))
+            ]
+            doomed = ids[: int(len(ids) * 0.95)]
+            for start in range(0, len(doomed), 5000):
+                conn.execute(delete(table).where(table.c.event_id.in_(doomed[start : start + 5000])))
+    ingest.extract_snapshot(engine, *interval, tmp_path / "collapsed")
+    report = validate.validate_snapshot(tmp_path / "collapsed", data_docs=False)
+
+    assert ("behavior_events", "ts", "expect_newest_week_volume_like_history") in failing(report)
+    assert ("ad_events", "ts", "expect_newest_week_volume_like_history") in failing(report)
+    detail = next(f for f in report.failures if f["expectation"] == "expect_newest_week_volume_like_history")
+    assert "newest 7 days" in detail["details"] and "rows/day" in detail["details"]
