@@ -10,7 +10,6 @@ step from a shell with the same code. Files of one run live under ``<data_dir>/r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -123,17 +122,17 @@ def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> Exam
     """Every task's examples, built once for the whole run, and every distinct text encoded into the cache."""
     from mtl_core.data.extract import verify_snapshot
     from mtl_core.learn import TrainingError
-    from mtl_core.learn.examples import build_examples, save_examples, split_summary
+    from mtl_core.learn.examples import build_examples, save_examples, split_summary, too_little_data
     from mtl_core.learn.text import text_matrix
 
     verify_snapshot(snapshot.uri)  # the files may have changed since validation
     examples = build_examples(snapshot.uri, settings.features, settings.tasks)
     counts = split_summary(examples)
-    empty = {name: c for name, c in counts.items() if min(c.values()) == 0}
+    empty = [name for name, c in counts.items() if min(c.values()) == 0]
     if empty:
-        raise TrainingError(
-            f"task(s) {', '.join(empty)} have no examples in some split of {snapshot.uri}: {json.dumps(empty)}"
-        )
+        days = (examples.interval[1] - examples.interval[0]) / np.timedelta64(1, "D")
+        reason = too_little_data(counts, empty, settings.tasks, settings.features, float(days))
+        raise TrainingError(f"snapshot {snapshot.uri}: {reason}")
     if settings.text.enabled:
         text_matrix(examples.texts, settings, settings.resolved_text_cache_dir, progress=False)
     out = run_dir(settings, run_key) / "examples"

@@ -541,6 +541,35 @@ def _texts(rows: pd.DataFrame) -> tuple[list[str], np.ndarray]:
     return [str(u) for u in uniques], (codes + 1).astype(np.int64)
 
 
+def too_little_data(
+    counts: dict[str, dict[str, int]], empty: list[str], tasks: list[TaskSpec], settings: FeatureSettings, days: float
+) -> str:
+    """Why some tasks have no examples in a split, and which settings would give them some."""
+    spaces = {task.name: task.sample_space for task in tasks}
+    used = settings.history_days + settings.valid_days + settings.holdout_days
+    hints = [
+        f"the window holds {days:g} days, of which features.history_days ({settings.history_days}), "
+        f"features.valid_days ({settings.valid_days}) and features.holdout_days ({settings.holdout_days}) take {used}"
+    ]
+    if any(spaces.get(name) == "users" for name in empty):
+        hints.append(
+            f"a churn example needs features.churn_horizon_days ({settings.churn_horizon_days}) after its cut-off, "
+            "and the cut-offs of the holdout's labels end inside the window: shorten the horizon or lengthen "
+            "the window (pipeline.lookback_days)"
+        )
+    if any(spaces.get(name) in ("feed", "ads") for name in empty):
+        hints.append(
+            "feed and ad tasks need their events (impressions, ad impressions) in every split: imported logs "
+            "without impressions give none"
+        )
+    per_split = {name: counts[name] for name in empty}
+    return (
+        f"task(s) {', '.join(empty)} have no examples in some split ({json.dumps(per_split)}): "
+        + "; ".join(hints)
+        + "; or drop the task from the settings' tasks"
+    )
+
+
 def split_summary(examples: Examples) -> dict[str, dict[str, int]]:
     """Examples per task and split: what the on-call checks first when a task has no data."""
     summary: dict[str, dict[str, int]] = {}

@@ -97,3 +97,17 @@ def test_abandoned_checkpoints_are_removed_after_the_retention(tmp_path):
         os.utime(checkpoint, (eight_days_ago, eight_days_ago))
     removed = pipeline.remove_abandoned_checkpoints(settings, keep=pipeline.run_dir(settings, "c"))
     assert removed == [old] and not old.exists() and fresh.exists() and current.exists()
+
+
+def test_a_window_too_short_for_a_task_names_the_settings_to_change(tmp_path):
+    from mtl_core.learn import TrainingError
+
+    settings = load_settings(environ={"MTL_DATA_DIR": str(tmp_path), "MTL_TEXT__ENABLED": "false"})
+    engine = wh.make_engine(settings.resolved_warehouse_url)
+    write_shop(engine, ShopSpec(users=300, items=80, days=21, seed=2))
+    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "snap")  # 21 days, like a short import
+    with pytest.raises(TrainingError) as caught:
+        pipeline.build_features(settings, Snapshot.load(tmp_path / "snap"), "k")
+    message = str(caught.value)
+    assert "churn" in message and "features.churn_horizon_days (14)" in message and "21 days" in message
+    assert "pipeline.lookback_days" in message and "drop the task" in message
