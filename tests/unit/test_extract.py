@@ -148,3 +148,16 @@ def test_a_tampered_snapshot_is_refused_naming_the_table(shop_url, tmp_path):
     path.unlink()
     with pytest.raises(SnapshotIntegrityError, match=r"behavior_events\.parquet is missing"):
         verify_snapshot(tmp_path / "snap")
+
+
+def test_an_untouched_snapshot_with_nulls_passes_verification_in_any_chunking(tmp_path):
+    """A NULL in an integer column turns that chunk's column into floats: verification must hash as extraction did."""
+    from mtl_core.data.corruption import corrupt_interval
+    from mtl_core.data.extract import verify_snapshot
+
+    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    write_shop(wh.make_engine(url), ShopSpec(users=400, items=120, days=21, start=date(2026, 1, 5), seed=3))
+    corrupt_interval(wh.make_engine(url), "2026-01-15", "2026-01-22", kinds=("null_ids",))
+    for chunk_rows in (50_000, 777):
+        manifest = extract_snapshot(wh.make_engine(url), "2026-01-08", "2026-01-22", tmp_path / "s", chunk_rows)
+        assert verify_snapshot(tmp_path / "s") == manifest
