@@ -149,7 +149,7 @@ def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> Exam
 
 def fetch_champion(settings: Settings, run_key: str) -> TrainedModel | None:
     """The champion's model directory, downloaded into the run (None while there is no champion)."""
-    from mtl_core.learn.checkpoint import load_model
+    from mtl_core.learn.checkpoint import trained_task_names
     from mtl_core.registry.aliases import CHAMPION, current_alias
     from mtl_core.registry.pyfunc import download_model_dir
 
@@ -160,7 +160,7 @@ def fetch_champion(settings: Settings, run_key: str) -> TrainedModel | None:
         return None
     path = download_model_dir(client, model_name, version, run_dir(settings, run_key) / "champion")
     record = run_dir(settings, run_key) / "champion.json"
-    names = load_model(path).task_names
+    names = trained_task_names(path)  # read from its settings: building the model here would be wasted
     return TrainedModel(uri=str(record), model_dir=str(path), task_names=names, version=version).save()
 
 

@@ -85,6 +85,14 @@ def save_model(
     (out / METRICS_FILE).write_text(json.dumps({"tasks": metrics}, indent=2))
 
 
+def trained_task_names(model_dir: str | Path) -> list[str]:
+    """The tasks a model directory was trained on, from its settings (no weights are loaded)."""
+    path = Path(model_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise TrainingError(f"{model_dir} is not a whole model directory: {SETTINGS_FILE} is missing")
+    return [task["name"] for task in json.loads(path.read_text())["tasks"]]
+
+
 def load_model(model_dir: str | Path, cache_dir: str | Path | None = None) -> LoadedModel:
     """A trained model ready to score; ``cache_dir`` is where text vectors are cached (default: as trained)."""
     path = Path(model_dir)
