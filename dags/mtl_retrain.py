@@ -6,7 +6,8 @@ happen inside the tasks so the scheduler parses this file fast.
 
 Settings come from ``mtl_core.config`` (defaults < $MTL_CONFIG YAML < MTL_* environment); a run's
 ``conf={"settings": {...}}`` overrides them for that run. The warehouse and MLflow URIs come from the
-Airflow Connections ``mtl_warehouse`` and ``mtl_mlflow`` when they exist, else from the settings.
+Airflow Connections ``mtl_warehouse`` and ``mtl_mlflow`` when they exist, else from the settings; the secret
+key of the user-id pseudonyms from the password of the Connection ``mtl_pseudonym_key`` when it exists.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import BaseNotifier, CronDataIntervalTimetable, dag, get_current_context, task
 
-from mtl_core.config import Settings, load_settings
+from mtl_core.config import PrivacySettings, Settings, load_settings
 
 log = logging.getLogger(__name__)
 SETTINGS = load_settings()
@@ -43,18 +44,23 @@ def run_settings() -> Settings:
         raise AirflowFailException(str(exc)) from None
     updates = {}
     for conn_id, field in (("mtl_warehouse", "warehouse_url"), ("mtl_mlflow", "mlflow_tracking_uri")):
-        uri = _connection_uri(conn_id)
-        if uri:
-            updates[field] = uri
-    return settings.model_copy(update=updates) if updates else settings
+        connection = _connection(conn_id)
+        if connection is not None:
+            updates[field] = connection.get_uri()
+    settings = settings.model_copy(update=updates) if updates else settings
+    # The user-id pseudonym key is a secret: the connection's password field, masked by Airflow in logs.
+    key_connection = _connection("mtl_pseudonym_key")
+    if key_connection is not None and key_connection.password:
+        settings.privacy = PrivacySettings(pseudonym_key=key_connection.password)
+    return settings
 
 
-def _connection_uri(conn_id: str) -> str | None:
+def _connection(conn_id: str):
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
-        return Connection.get(conn_id).get_uri()
+        return Connection.get(conn_id)
     except AirflowNotFoundException:
         return None
 
@@ -100,9 +106,15 @@ def mtl_retrain():
     # Each task loads its upstream artifact from the uri in XCom, runs one pipeline step, returns its own uri.
     @task(**RETRYING)
     def extract(data_interval_end=None) -> str:
-        from mtl_core import pipeline
+        from airflow.sdk.exceptions import AirflowFailException
 
-        return pipeline.extract(run_settings(), data_interval_end).uri
+        from mtl_core import pipeline
+        from mtl_core.data.stored_values import StoredValueError
+
+        try:
+            return pipeline.extract(run_settings(), data_interval_end).uri
+        except StoredValueError as exc:  # bad rows stay bad: fail at once, no retries
+            raise AirflowFailException(str(exc)) from exc
 
     @task
     def validate(snapshot: str) -> str:

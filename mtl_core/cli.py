@@ -106,9 +106,10 @@ def extract_command(
 ) -> None:
     """Extract [start, end) of every warehouse table into a Parquet snapshot with a manifest."""
     from mtl_core.data.extract import extract_snapshot
+    from mtl_core.data.pseudonyms import pseudonymiser_for
 
     settings = _settings(config)
-    manifest = extract_snapshot(_engine(db, settings), start, end, out)
+    manifest = extract_snapshot(_engine(db, settings), start, end, out, pseudonymiser_for(settings))
     rows = ", ".join(f"{name}={meta['rows']:,}" for name, meta in manifest["tables"].items())
     _print(manifest, as_json, f"snapshot {out}: {rows}\ncontent hash {manifest['content_hash']}")
 
@@ -209,13 +210,24 @@ def evaluate_command(
     as_json: JsonOption = False,
 ) -> None:
     """Per-task AUC, log loss, calibration and slices on a snapshot's holdout (oracle AUC on simulated data)."""
+    from mtl_core.data.extract import read_manifest
+    from mtl_core.data.pseudonyms import pseudonymiser_for
     from mtl_core.judge.evaluate import evaluate_model
+    from mtl_core.judge.oracle import Truth
     from mtl_core.learn.examples import SPLITS
 
     if split not in SPLITS:
         _fail(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     settings = _settings(config)
-    report = evaluate_model(model, snapshot, split=split, truth_engine=_engine(db, settings))
+    truth = Truth(_engine(db, settings), pseudonymiser_for(settings))
+    report = evaluate_model(model, snapshot, split=split, truth=truth)
+    made_with = read_manifest(snapshot).get("user_ids", {}).get("key_id")
+    if made_with and made_with != truth.pseudonyms.key_id:
+        typer.echo(
+            f"note: {snapshot} was pseudonymised with another key (key id {made_with}), so the oracle cannot join "
+            "the churn truth; set privacy.pseudonym_key to that key for churn's oracle AUC",
+            err=True,
+        )
     lines = [f"{split} of {snapshot}:"]
     for task, m in report["tasks"].items():
         oracle = "n/a" if m["oracle_auc"] is None else f"{m['oracle_auc']:.4f}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from mtl_core.errors import MtlError
 
@@ -62,8 +62,9 @@ class TaskSpec(_Strict):
     """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    # feed: one row per feed impression; ads: one row per ad impression; users: one row per user at a cut-off
-    sample_space: Literal["feed", "ads", "users"]
+    # feed: one row per feed impression; ads: one row per ad impression; users: one row per user at a cut-off;
+    # clicks: one row per click, with or without its impression (logs without impressions, e.g. Taobao's)
+    sample_space: Literal["feed", "ads", "users", "clicks"]
     # A label column of that sample space (feed: clicked, purchased, carted; ads: ad_clicked; users: churned).
     label: str
     # Only rows where this label column is 1 belong to the task (cvr: only clicked impressions).
@@ -93,6 +94,9 @@ class FeatureSettings(_Strict):
     churn_cutoff_step_days: int = Field(3, ge=1)
     # A user counts for churn at a cut-off if active in this many days before it.
     churn_active_days: int = Field(28, ge=1)
+    # A click of the clicks sample space counts as purchased when the same user buys the same item within this
+    # many hours after it (logs without parent links); clicks too new for a full window are no examples.
+    purchase_window_hours: int = Field(24, ge=1)
     # Items younger than this (days since created, else since first seen) are "cold start" in slices.
     cold_start_days: int = Field(7, ge=1)
 
@@ -210,6 +214,15 @@ class PipelineSettings(_Strict):
     allow_gate_overrides: bool = False
 
 
+class PrivacySettings(_Strict):
+    """How raw personal data is kept in the warehouse (mtl_core.data.pseudonyms)."""
+
+    # The secret key of the user-id pseudonyms (MTL_PRIVACY__PSEUDONYM_KEY, or the Airflow Connection
+    # mtl_pseudonym_key's password). Empty: <data_dir>/secrets/pseudonym.key, created once. Excluded from
+    # every dump of the settings, so no settings file, MLflow param or log line can hold it.
+    pseudonym_key: SecretStr = Field(SecretStr(""), exclude=True)
+
+
 class Settings(_Strict):
     data_dir: Path = Path("data")
     # Empty means the embedded default: sqlite:///<data_dir>/warehouse.db
@@ -231,6 +244,7 @@ class Settings(_Strict):
     train: TrainSettings = TrainSettings()
     pipeline: PipelineSettings = PipelineSettings()
     gate: GateSettings = GateSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @property
     def resolved_warehouse_url(self) -> str:
@@ -306,6 +320,13 @@ def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
             _describe(err, {}, None).replace("(from defaults)", "(from the run's conf)") for err in exc.errors()
         )
         raise ConfigError(f"invalid settings override: {problems}") from None
+    if "pseudonym_key" in (overrides.get("privacy") or {}):
+        raise ConfigError(
+            "a run's conf cannot set privacy.pseudonym_key: the conf is stored and shown in the Airflow UI; set "
+            "the key with MTL_PRIVACY__PSEUDONYM_KEY or the Airflow Connection mtl_pseudonym_key"
+        )
+    # The key is excluded from model_dump, so carry it over by hand.
+    merged.privacy = settings.privacy
     if merged.pipeline.allow_gate_overrides != settings.pipeline.allow_gate_overrides:
         raise ConfigError(
             "a run's conf cannot change pipeline.allow_gate_overrides; set it in the settings file or with "

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 # What the on-call engineer should do when a task fails, by task id.
 NEXT_STEP = {
-    "extract": "check that the warehouse answers ({warehouse}) and holds the interval's events; the task "
-    "retries by itself first",
+    "extract": "check that the warehouse answers ({warehouse}) and holds the interval's events (the task retries "
+    "by itself first); values the schema does not allow are listed by table and column and fail at once: fix the "
+    "producer or the rows, then replay the run",
     "validate": "read {snapshot}/validation/report.html: fix or re-load the source data for the interval, or, "
     "if the data is right and the expectation wrong, change expectations/<table>.json in a reviewed commit",
     "build_features": "check the snapshot's row counts per task (mtl describe {snapshot}); a task without "
@@ -86,12 +87,28 @@ def _warehouse(settings: Settings):
 
 # ---- the steps ------------------------------------------------------------------------------------------
 def extract(settings: Settings, interval_end: Any) -> Snapshot:
-    """The training window ending at the interval's end, as a snapshot (replaced atomically if it exists)."""
+    """The training window ending at the interval's end, as a snapshot (replaced atomically if it exists).
+
+    Raises ``StoredValueError`` naming the table and column when the warehouse holds a value its schema does
+    not allow (a price written as text, a title that is not UTF-8).
+    """
     from mtl_core.data.extract import extract_snapshot
+    from mtl_core.data.pseudonyms import pseudonymiser_for
 
     start, end = training_window(settings, interval_end)
     out = settings.snapshots_dir / f"{start:%Y%m%d}-{end:%Y%m%d}"
-    extract_snapshot(_warehouse(settings), start, end, out)
+    engine, pseudonyms = _warehouse(settings), pseudonymiser_for(settings)
+    try:
+        extract_snapshot(engine, start, end, out, pseudonyms)
+    except Exception as exc:
+        # A value stored against its column's type fails deep in the driver or Arrow, naming no table or
+        # column: say which (a StoredValueError), or re-raise when that is not why.
+        from mtl_core.data.stored_values import explain_extraction_failure
+
+        explained = explain_extraction_failure(engine, start, end)
+        if explained is None:
+            raise
+        raise explained from exc
     return Snapshot.load(out)
 
 
@@ -216,7 +233,9 @@ def remove_abandoned_checkpoints(settings: Settings, keep: Path | None = None) -
 
 def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
     """Challenger and champion on the same holdout rows, with a paired-bootstrap interval per task."""
+    from mtl_core.data.pseudonyms import pseudonymiser_for
     from mtl_core.judge.evaluate import score_against_champion
+    from mtl_core.judge.oracle import Truth
     from mtl_core.learn.checkpoint import load_model
 
     example_set = ExampleSet.load(challenger.examples)
@@ -226,7 +245,8 @@ def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
         load_model(champion.model_dir) if champion else None,
         example_set.examples(),
         n_boot=settings.pipeline.bootstrap_samples,
-        truth_engine=_warehouse(settings),  # oracle AUCs when the warehouse is the simulated shop
+        # oracle AUCs when the warehouse is the simulated shop
+        truth=Truth(_warehouse(settings), pseudonymiser_for(settings)),
     )
     folder = Path(challenger.uri).parent
     Comparison.save_predictions(folder / "predictions.parquet", scored.labels, scored.probabilities)

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from mtl_core.data import warehouse as wh
+from mtl_core.data.pseudonyms import USER_ID_COLUMNS, Pseudonymiser
 from mtl_core.errors import MtlError
 
 MANIFEST = "manifest.json"
@@ -97,13 +98,17 @@ def _interval_query(table: Table, start: datetime, end: datetime):
     return select(table).where(where).order_by(key), describe
 
 
-def _chunks(engine: Engine, table: Table, stmt, chunk_rows: int) -> Iterator[pa.Table]:
+def _chunks(engine: Engine, table: Table, stmt, chunk_rows: int, pseudonyms: Pseudonymiser) -> Iterator[pa.Table]:
     schema = arrow_schema(table)
     names = [c.name for c in table.columns]
     with engine.connect() as conn:
         result = conn.execution_options(yield_per=chunk_rows).execute(stmt)
         for rows in result.partitions():
             columns = list(zip(*rows, strict=True))
+            # Raw user ids never leave the warehouse: they are replaced before anything is written.
+            for i, name in enumerate(names):
+                if name in USER_ID_COLUMNS:
+                    columns[i] = pseudonyms.values(columns[i])
             yield pa.table(
                 [pa.array(values, type=schema.field(name).type) for name, values in zip(names, columns, strict=True)],
                 schema=schema,
@@ -127,13 +132,15 @@ def _new_digest(schema: pa.Schema):
     return hashlib.sha256(str(schema).encode())
 
 
-def _write_table(engine: Engine, table: Table, stmt, path: Path, chunk_rows: int) -> _TableResult:
+def _write_table(
+    engine: Engine, table: Table, stmt, path: Path, chunk_rows: int, pseudonyms: Pseudonymiser
+) -> _TableResult:
     began = time.perf_counter()
     schema = arrow_schema(table)
     digest = _new_digest(schema)
     rows = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for batch in _chunks(engine, table, stmt, chunk_rows):
+        for batch in _chunks(engine, table, stmt, chunk_rows, pseudonyms):
             writer.write_table(batch)
             digest.update(_rows_digest(batch))
             rows += batch.num_rows
@@ -145,9 +152,13 @@ def extract_snapshot(
     start: str | datetime,
     end: str | datetime,
     out_dir: str | Path,
+    pseudonyms: Pseudonymiser,
     chunk_rows: int = 50_000,
 ) -> dict[str, Any]:
-    """Write the snapshot of [start, end) to ``out_dir`` and return its manifest."""
+    """Write the snapshot of [start, end) to ``out_dir`` and return its manifest.
+
+    Every user id is written as its pseudonym under ``pseudonyms``' key (mtl_core.data.pseudonyms).
+    """
     start_at, end_at = parse_instant(start, "start"), parse_instant(end, "end")
     if start_at >= end_at:
         raise ExtractionError(f"empty interval: start {start_at.isoformat()} is not before end {end_at.isoformat()}")
@@ -161,7 +172,21 @@ def extract_snapshot(
         for name in wh.SOURCE_TABLES:
             table = wh.metadata.tables[name]
             stmt, describe = _interval_query(table, start_at, end_at)
-            result = _write_table(engine, table, stmt, staging / f"{name}.parquet", chunk_rows)
+            try:
+                result = _write_table(engine, table, stmt, staging / f"{name}.parquet", chunk_rows, pseudonyms)
+            except SQLAlchemyError as exc:
+                raise ExtractionError(
+                    f"reading table {name} from the warehouse at {engine.url.render_as_string(hide_password=True)} "
+                    f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. Nothing was written: the "
+                    f"snapshot {out} is as it was. Is the schema there (mtl simulate or mtl import-logs create it), "
+                    "the URL right and the server up? A retry extracts the whole interval again."
+                ) from exc
+            except OSError as exc:
+                raise ExtractionError(
+                    f"writing table {name} of the snapshot {out} failed: {exc.strerror or exc} (errno "
+                    f"{exc.errno}). The partial files were removed and the snapshot {out} is as it was; free "
+                    "space under data_dir (old snapshots and runs) and retry."
+                ) from exc
             tables[name] = {
                 "file": f"{name}.parquet",
                 "rows": result.rows,
@@ -178,17 +203,19 @@ def extract_snapshot(
             "source": engine.url.render_as_string(hide_password=True),
             "tables": tables,
             "content_hash": content.hexdigest(),
+            # Which key made the pseudonyms (a fingerprint, not the key): snapshots under different keys
+            # do not share users.
+            "user_ids": {"pseudonymised": list(USER_ID_COLUMNS), "key_id": pseudonyms.key_id},
             "extracted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - began, 3),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, out)
-    except SQLAlchemyError as exc:
+    except OSError as exc:  # writing the manifest or moving the snapshot into place
         shutil.rmtree(staging, ignore_errors=True)
         raise ExtractionError(
-            f"reading the warehouse at {engine.url.render_as_string(hide_password=True)} failed: "
-            f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}. Is the schema there (mtl simulate or "
-            "mtl import-logs create it) and the URL right?"
+            f"writing the snapshot {out} failed: {exc.strerror or exc} (errno {exc.errno}); the snapshot {out} is "
+            "as it was; free space under data_dir and retry"
         ) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

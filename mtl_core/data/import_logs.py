@@ -33,6 +33,7 @@ import csv
 import gzip
 import hashlib
 import io
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -103,13 +104,18 @@ def _file_format(path: Path, spec: LogFormat) -> str:
     if spec.file_format:
         return spec.file_format
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".parquet", ".pq"):
+    if suffixes[-1:] == [".gz"]:  # gzip'd text: the suffix before tells which text
+        suffixes = suffixes[:-1] or [".csv"]
+    last = suffixes[-1] if suffixes else ""
+    if last in (".parquet", ".pq"):
         return "parquet"
-    if suffixes and suffixes[-1] in (".csv", ".tsv", ".txt", ".gz"):
+    if last in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if last in (".csv", ".tsv", ".txt"):
         return "csv"
     raise MtlError(
-        f"cannot tell the format of {path} from its suffix; set 'format: csv' or 'format: parquet' "
-        f"in the mapping file {spec.name}"
+        f"cannot tell the format of {path} from its suffix; set 'format: csv', 'format: parquet' or "
+        f"'format: jsonl' in the mapping file {spec.name}"
     )
 
 
@@ -238,6 +244,96 @@ def _parquet_chunks(path: Path, spec: LogFormat, chunk_rows: int) -> Iterator[_R
             rows=len(frame),
         )
         done += len(frame)
+
+
+_MISSING = object()
+
+
+def _lookup(record: Any, path: str) -> Any:
+    """``record["a"]["b"]`` for the path "a.b"; _MISSING where a step is absent or not an object."""
+    for part in path.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return _MISSING
+        record = record[part]
+    return record
+
+
+def _json_value(value: Any) -> str | None:
+    """A JSON value as the text the value parsers read (as if from a CSV field); absent or null -> None."""
+    if value is _MISSING or value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)  # numbers as written (no float rounding of big ids), lists and objects as JSON
+
+
+def _jsonl_chunks(path: Path, spec: LogFormat, chunk_rows: int) -> Iterator[_RawChunk]:
+    """Stream JSON Lines: one event per line, or one list of events per line (``events`` in the mapping)."""
+    sources = {target: str(source) for source, target in spec.columns.items()}
+    values: dict[str, list[str | None]] = {target: [] for target in sources}
+    lines: list[int] = []
+    contents: list[str] = []
+    malformed: list[tuple[int, str, str]] = []
+    count = 0
+
+    def add(event: dict, outer: dict, line: int) -> None:
+        for target, source in sources.items():
+            value = _lookup(event, source)
+            if value is _MISSING and outer is not event:
+                value = _lookup(outer, source)
+            values[target].append(_json_value(value))
+        lines.append(line)
+        contents.append(json.dumps(event)[:CONTENT_CHARS])
+
+    def chunk() -> _RawChunk:
+        return _RawChunk(
+            columns={target: pd.Series(column, dtype="str") for target, column in values.items()},
+            lines=np.asarray(lines, dtype=np.int64),
+            content=contents.__getitem__,
+            malformed=malformed,
+            rows=count,
+        )
+
+    with _open_text(path, spec.encoding) as handle:
+        line = 0
+        try:
+            for line, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    count += 1
+                    malformed.append((line, f"not valid JSON ({exc.msg}, column {exc.colno})", text[:CONTENT_CHARS]))
+                    continue
+                if not isinstance(record, dict):
+                    count += 1
+                    malformed.append((line, "not a JSON object", text[:CONTENT_CHARS]))
+                    continue
+                if spec.events_path is None:
+                    count += 1
+                    add(record, record, line)
+                else:
+                    events = _lookup(record, spec.events_path)
+                    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+                        count += 1
+                        reason = f"{spec.events_path!r} is not a list of event objects"
+                        malformed.append((line, reason, text[:CONTENT_CHARS]))
+                        continue
+                    for event in events:
+                        count += 1
+                        add(event, record, line)
+                if count >= chunk_rows:
+                    yield chunk()
+                    values = {target: [] for target in sources}
+                    lines, contents, malformed, count = [], [], [], 0
+        except UnicodeDecodeError as exc:
+            raise MtlError(
+                f"{path} is not valid {spec.encoding.removesuffix('-sig')} text ({exc.reason}) at or after "
+                f"line {line + 1}; is it compressed or binary? (a mapping file can set 'encoding')"
+            ) from None
+    if count:
+        yield chunk()
 
 
 # --- checking and converting values (vectorised) ---------------------------------------------------------
@@ -583,7 +679,8 @@ def import_logs(
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
     kind = "csv" if spec is TAOBAO_FORMAT else _file_format(source, spec)
-    chunks = (_parquet_chunks if kind == "parquet" else _csv_chunks)(source, spec, chunk_rows)
+    readers = {"parquet": _parquet_chunks, "jsonl": _jsonl_chunks, "csv": _csv_chunks}
+    chunks = readers[kind](source, spec, chunk_rows)
 
     report = ImportReport()
     url = engine.url.render_as_string(hide_password=True)

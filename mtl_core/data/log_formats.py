@@ -33,7 +33,8 @@ YAML mapping (``--format path/to/mapping.yaml``)
 -------------------------------------------------
 Any other log is described by a mapping file::
 
-    format: csv            # csv or parquet (default: from the log file's suffix; .gz is read as gzip'd CSV)
+    format: csv            # csv, parquet or jsonl (default: from the log file's suffix: .csv, .parquet,
+                           # .jsonl/.ndjson; with .gz after it the text is gunzipped)
     header: true           # csv only; default true
     delimiter: ","         # csv only; default ","
     encoding: utf-8        # csv only; default utf-8 (a byte-order mark is skipped)
@@ -48,6 +49,20 @@ Any other log is described by a mapping file::
       order: purchase
     timestamp: {unit: s}   # unit s, ms or us (numbers since the epoch; the default), or
                            # {format: "%Y-%m-%d %H:%M:%S"} (strftime codes, or ISO8601); times are UTC
+
+JSON Lines (``format: jsonl``) holds one JSON object per line. ``columns`` keys are field names, or dotted
+paths into nested objects (``meta.uid``). When a line holds a list of events, as the OTTO sessions dump
+does (``{"session": 12899779, "events": [{"aid": 59625, "ts": 1661724000278, "type": "clicks"}, ...]}``),
+``events: events`` (a dotted path) names the list: each element is one event, and a column is looked up
+in the event first, then in the line's object (so ``session: user_id`` takes the session of every event)::
+
+    format: jsonl
+    events: events
+    columns: {session: user_id, aid: item_id, type: event_type, ts: ts}
+    event_types: {clicks: click, carts: add_to_cart, orders: purchase}
+    timestamp: {unit: ms}
+
+A line that is not a JSON object, or whose ``events`` is not a list of objects, is a bad row of that line.
 
 For a CSV file without a header the ``columns`` keys are 0-based column positions; rows must then have
 as many fields as the first row (or at least enough for the highest mapped position). Event type values
@@ -71,7 +86,8 @@ REQUIRED_COLUMNS = ("user_id", "item_id", "event_type", "ts")
 OPTIONAL_COLUMNS = ("category", "title", "brand", "price")
 WAREHOUSE_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1}
-MAPPING_KEYS = ("format", "header", "delimiter", "encoding", "columns", "event_types", "timestamp")
+MAPPING_KEYS = ("format", "header", "delimiter", "encoding", "columns", "event_types", "timestamp", "events")
+FILE_FORMATS = ("csv", "parquet", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,7 @@ class LogFormat:
     """A parsed source layout: the built-in Taobao one or a validated YAML mapping."""
 
     name: str  # 'taobao' or the mapping file's path, for messages
-    file_format: str | None  # 'csv', 'parquet' or None (decided by the log file's suffix)
+    file_format: str | None  # 'csv', 'parquet', 'jsonl' or None (decided by the log file's suffix)
     columns: dict[str | int, str]  # source column (name or 0-based position) -> warehouse column
     event_types: dict[str, str]  # source value -> warehouse event type
     header: bool = True
@@ -88,6 +104,7 @@ class LogFormat:
     ts_unit: str | None = "s"
     ts_format: str | None = None
     field_count: int | None = None  # fields per CSV row; None: as the header or the first row
+    events_path: str | None = None  # jsonl: dotted path of a line's list of events; None: a line is one event
 
 
 TAOBAO_FORMAT = LogFormat(
@@ -129,8 +146,14 @@ def _parse_mapping(spec: Any, path: Path) -> LogFormat:
         raise fail(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(MAPPING_KEYS)}")
 
     file_format = spec.get("format")
-    if file_format is not None and file_format not in ("csv", "parquet"):
-        raise fail(f"format {file_format!r} is not 'csv' or 'parquet'")
+    if file_format is not None and file_format not in FILE_FORMATS:
+        raise fail(f"format {file_format!r} is not one of {', '.join(FILE_FORMATS)}")
+    events_path = spec.get("events")
+    if events_path is not None:
+        if file_format != "jsonl":
+            raise fail("'events' (the path of a line's list of events) needs 'format: jsonl'")
+        if not isinstance(events_path, str) or not events_path.strip() or "" in events_path.split("."):
+            raise fail(f"events {events_path!r} must be a field name or a dotted path such as 'session.events'")
     header = spec.get("header", True)
     if not isinstance(header, bool):
         raise fail(f"header {header!r} must be true or false")
@@ -198,12 +221,13 @@ def _parse_mapping(spec: Any, path: Path) -> LogFormat:
         encoding=encoding,
         ts_unit=ts_unit,
         ts_format=ts_format,
+        events_path=events_path,
     )
 
 
 def _source_key(source: Any, header: bool, file_format: str | None, fail: Callable[[str], MtlError]) -> str | int:
     """Header-less CSV columns are addressed by position, everything else by name."""
-    if header or file_format == "parquet":
+    if header or file_format in ("parquet", "jsonl"):
         if isinstance(source, bool) or source is None:
             raise fail(f"columns: a key was read by YAML as {source!r} (yes/no/on/off/null); quote it")
         return str(source)

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.engine import Engine
 
 from mtl_core.config import TaskSpec
 from mtl_core.errors import MtlError
 from mtl_core.judge.bootstrap import paired_bootstrap_auc
 from mtl_core.judge.metrics import roc_auc, task_metrics
-from mtl_core.judge.oracle import oracle_probabilities
+from mtl_core.judge.oracle import Truth, oracle_probabilities
 from mtl_core.learn.checkpoint import LoadedModel, load_model
 from mtl_core.learn.examples import Examples, build_examples
 
@@ -49,7 +48,7 @@ def score_tasks(
     examples: Examples,
     tasks: list[TaskSpec],
     split: str = "holdout",
-    truth_engine: Engine | None = None,
+    truth: Truth | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics per task on ``split``, and the raw probabilities per task (for paired comparisons)."""
     all_rows = np.flatnonzero(examples.split == split)
@@ -69,8 +68,8 @@ def score_tasks(
         labels = examples.labels[rows, t]
         metrics = task_metrics(labels, probs)
         metrics["slices"] = _slices(examples, rows, labels, probs)
-        truth = oracle_probabilities(truth_engine, task, examples, rows)
-        metrics["oracle_auc"] = roc_auc(labels, truth) if truth is not None else None
+        true_p = oracle_probabilities(truth, task, examples, rows)
+        metrics["oracle_auc"] = roc_auc(labels, true_p) if true_p is not None else None
         results[task.name] = metrics
         raw[task.name] = probs
     return results, raw
@@ -88,7 +87,7 @@ def evaluate_model(
     model_dir: str | Path,
     snapshot_dir: str | Path | None = None,
     split: str = "holdout",
-    truth_engine: Engine | None = None,
+    truth: Truth | None = None,
     examples: Examples | None = None,
 ) -> dict[str, Any]:
     """``{"tasks": {task: {"auc", "logloss", "ece", "positive_rate", "n", "oracle_auc", "slices"}}}``."""
@@ -97,7 +96,7 @@ def evaluate_model(
     examples = _examples_for(model, snapshot_dir, examples)
     if not (examples.split == split).any():
         raise EvaluationError(f"{snapshot_dir or 'the examples'} has no {split} examples")
-    results, _ = score_tasks(model, examples, tasks, split, truth_engine)
+    results, _ = score_tasks(model, examples, tasks, split, truth)
     return {"tasks": results, "split": split, "snapshot": str(snapshot_dir), "model": str(model_dir)}
 
 
@@ -116,14 +115,14 @@ def score_against_champion(
     examples: Examples,
     split: str = "holdout",
     n_boot: int = 200,
-    truth_engine: Engine | None = None,
+    truth: Truth | None = None,
 ) -> Scored:
     """Both models on the same rows: per-task metrics of each and the paired bootstrap of the AUC difference.
 
     Without a champion each task's entry has ``champion: None`` (the gate then applies the floors).
     """
     tasks = list(challenger.settings.tasks)
-    ours, our_probs = score_tasks(challenger, examples, tasks, split, truth_engine)
+    ours, our_probs = score_tasks(challenger, examples, tasks, split, truth)
     theirs, their_probs = score_tasks(champion, examples, tasks, split, None) if champion else ({}, {})
     comparison = {}
     labels = {}
@@ -147,13 +146,13 @@ def compare_models(
     snapshot_dir: str | Path | None = None,
     split: str = "holdout",
     n_boot: int = 200,
-    truth_engine: Engine | None = None,
+    truth: Truth | None = None,
     examples: Examples | None = None,
 ) -> dict[str, Any]:
     """``score_against_champion`` for two model directories: the comparison the gate reads."""
     challenger, champion = load_model(challenger_dir), load_model(champion_dir)
     examples = _examples_for(challenger, snapshot_dir, examples)
-    return score_against_champion(challenger, champion, examples, split, n_boot, truth_engine).comparison
+    return score_against_champion(challenger, champion, examples, split, n_boot, truth).comparison
 
 
 def holdout_predictions(

@@ -7,6 +7,7 @@ simulated shop there is no truth, and every oracle figure is None.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,25 +16,39 @@ from sqlalchemy.engine import Engine
 
 from mtl_core.config import TaskSpec
 from mtl_core.data import warehouse as wh
+from mtl_core.data.pseudonyms import Pseudonymiser
 from mtl_core.data.shop import CHURN_HORIZON_DAYS, true_churn_probability
 from mtl_core.judge.metrics import roc_auc
 from mtl_core.learn.examples import Examples
 
 
+@dataclass(frozen=True)
+class Truth:
+    """Where the shop's truth is: the warehouse, and the key its snapshots' user ids were pseudonymised with.
+
+    The truth is keyed by raw user id; the examples hold pseudonyms, so the oracle maps the truth's ids
+    through the same key to join them (it never maps pseudonyms back, which nobody can).
+    """
+
+    engine: Engine
+    pseudonyms: Pseudonymiser
+
+
 def oracle_probabilities(
-    engine: Engine | None, task: TaskSpec, examples: Examples, rows: np.ndarray
+    truth_source: Truth | None, task: TaskSpec, examples: Examples, rows: np.ndarray
 ) -> np.ndarray | None:
     """The shop's true probability behind each row's label (simulated data only; None without truth tables)."""
-    if engine is None:
+    if truth_source is None:
         return None
     truth = true_probabilities(
-        engine,
+        truth_source.engine,
         task.sample_space,
         task.label,
         examples.event_id[rows],
         examples.click_event_id[rows],
         examples.raw["user"][rows],
         examples.time[rows],
+        truth_source.pseudonyms,
     )
     if truth is None or np.isnan(truth).any():
         return None
@@ -115,6 +130,7 @@ def true_probabilities(
     click_event_id: np.ndarray,
     user_id: np.ndarray,
     time: np.ndarray,
+    pseudonyms: Pseudonymiser | None = None,
 ) -> np.ndarray | None:
     """The shop's true probability for each example of a task, or None where the shop has no truth for it.
 
@@ -137,6 +153,8 @@ def true_probabilities(
             out = np.full(len(days), np.nan)
             for day in np.unique(days):
                 p = true_churn_probability(truth_users, int(day))
+                if pseudonyms is not None:
+                    p.index = pseudonyms.array(p.index.to_numpy())
                 out[days == day] = p.reindex(np.asarray(user_id)[days == day]).to_numpy()
             return out
         truth = pd.read_sql(

@@ -1,9 +1,13 @@
 """Examples per task from a snapshot: sample spaces, labels, leakage-free history features, vocabularies.
 
-Three sample spaces share one feature schema, so one model (and one shared bottom) can take any row:
+Four sample spaces share one feature schema, so one model (and one shared bottom) can take any row:
 
 * ``feed``: one row per feed impression. Labels: ``clicked``; ``carted`` and ``purchased`` are defined
   only on clicked rows (their parent chain in the log), so cvr's examples are the clicked impressions.
+* ``clicks``: one row per click, whether or not the log has the impression it came from (imported logs such
+  as Taobao's have none). Label ``purchased``: the click's parent chain ends in a purchase, or the same user
+  buys the same item within ``purchase_window_hours`` after it. A click whose window runs past the end of
+  the snapshot has no label yet (a purchase could still come), so it is no example.
 * ``ads``: one row per ad impression. Label: ``ad_clicked``.
 * ``users``: one row per (user, cut-off day) for users active in the ``churn_active_days`` before the
   cut-off. Label ``churned``: no activity in the ``churn_horizon_days`` after it. The last horizon of an
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +43,15 @@ from mtl_core.data.extract import read_manifest, replace_dir
 from mtl_core.errors import MtlError
 from mtl_core.jsonable import to_jsonable
 
-SPACES = ("feed", "ads", "users")
-SPACE_LABELS = {"feed": ("clicked", "carted", "purchased"), "ads": ("ad_clicked",), "users": ("churned",)}
+SPACES = ("feed", "ads", "users", "clicks")
+SPACE_LABELS = {
+    "feed": ("clicked", "carted", "purchased"),
+    "ads": ("ad_clicked",),
+    "users": ("churned",),
+    "clicks": ("purchased",),
+}
+# Entity ids: embedded only when the model settings' id_features name them.
+ID_FEATURES = ("user", "item", "ad")
 CATEGORICAL = ("user", "item", "category", "brand", "region", "age_band", "ad", "space")
 NUMERIC = (
     "log_price",
@@ -101,6 +113,10 @@ class Vocab:
         return cls(sorted((to_jsonable(v) for v in values), key=str))
 
 
+def _kept(name: str, id_features: Iterable[str]) -> bool:
+    return name not in ID_FEATURES or name in tuple(id_features)
+
+
 @dataclass
 class FeatureSpace:
     """What training fitted and scoring must reuse: vocabularies and numeric standardisation."""
@@ -135,9 +151,18 @@ class FeatureSpace:
         return cls.from_json(json.loads(path.read_text()))
 
     @classmethod
-    def fit(cls, examples: Examples, rows: np.ndarray) -> FeatureSpace:
+    def fit(cls, examples: Examples, rows: np.ndarray, id_features: Iterable[str] = ID_FEATURES) -> FeatureSpace:
+        """Vocabularies and standardisation of ``rows``; of the entity ids, only those the model learns.
+
+        An id vocabulary that no embedding reads would only copy every user's (pseudonymous) id into the
+        model files, so the ids not in ``id_features`` get an empty one.
+        """
         raw = examples.raw
-        vocabs = {name: Vocab.fit(raw[name][rows]) for name in CATEGORICAL if name != "space"}
+        vocabs = {
+            name: Vocab.fit(raw[name][rows]) if _kept(name, id_features) else Vocab()
+            for name in CATEGORICAL
+            if name != "space"
+        }
         vocabs["space"] = Vocab(list(SPACES))
         numeric = examples.numeric[rows]
         mean = numeric.mean(axis=0) if len(rows) else np.zeros(len(NUMERIC))
@@ -148,10 +173,14 @@ class FeatureSpace:
             std=dict(zip(NUMERIC, (float(s) if s > 1e-6 else 1.0 for s in std), strict=True)),
         )
 
-    def extended(self, examples: Examples, rows: np.ndarray) -> FeatureSpace:
+    def extended(self, examples: Examples, rows: np.ndarray, id_features: Iterable[str] = ID_FEATURES) -> FeatureSpace:
         """Warm start: the same space with vocabularies grown by the new users, items, ... of ``rows``."""
         vocabs = {
-            name: vocab.extended(examples.raw[name][rows]) if name != "space" else vocab
+            name: vocab
+            if name == "space"
+            else vocab.extended(examples.raw[name][rows])
+            if _kept(name, id_features)
+            else Vocab()
             for name, vocab in self.vocabs.items()
         }
         return FeatureSpace(vocabs=vocabs, mean=self.mean, std=self.std)
@@ -284,14 +313,18 @@ def build_examples(snapshot_dir: str | Path, settings: FeatureSettings, tasks: l
     examples_start = start + settings.history_days * DAY
     if examples_start >= valid_start:
         raise FeatureError(
-            f"snapshot {snapshot} spans {(end - start) // DAY} days: too short for {settings.history_days} history, "
-            f"{settings.valid_days} validation and {settings.holdout_days} holdout days"
+            f"snapshot {snapshot} spans {(end - start) // DAY} days: too short for features.history_days "
+            f"({settings.history_days}), features.valid_days ({settings.valid_days}) and features.holdout_days "
+            f"({settings.holdout_days}) with at least one training day; shorten those or extract a longer window "
+            "(pipeline.lookback_days)"
         )
 
     feed = _feed_rows(behavior)
     ad_rows = _ad_rows(ads)
     user_rows = _user_rows(behavior, ads, start, end, examples_start, settings)
     frames = {"feed": feed, "ads": ad_rows, "users": user_rows}
+    if any(task.sample_space == "clicks" for task in tasks):
+        frames["clicks"] = _click_rows(behavior, end, settings.purchase_window_hours)
     frames = {name: frame.assign(space=name) for name, frame in frames.items()}
     rows = pd.concat(list(frames.values()), ignore_index=True, sort=False)
 
@@ -403,6 +436,60 @@ def _feed_rows(behavior: pd.DataFrame) -> pd.DataFrame:
             "clicked": clicked.astype(np.float64),
             "carted": carted.astype(np.float64),
             "purchased": purchased.astype(np.float64),
+        }
+    )
+
+
+def _click_rows(behavior: pd.DataFrame, end: np.datetime64, window_hours: int) -> pd.DataFrame:
+    """One row per click; purchased if chained to a purchase, or if the same user buys the same item in time."""
+    clicks = behavior[behavior["event_type"] == "click"].dropna(subset=["user_id", "item_id"])
+    carts = behavior[behavior["event_type"] == "add_to_cart"].dropna(subset=["parent_event_id"])
+    chained_buys = set(behavior.loc[behavior["event_type"] == "purchase", "parent_event_id"].dropna().astype(np.int64))
+    chained = clicks["event_id"].isin(set(carts.loc[carts["event_id"].isin(chained_buys), "parent_event_id"]))
+
+    window = pd.Timedelta(hours=window_hours)
+    buys = behavior.loc[behavior["event_type"] == "purchase", ["user_id", "item_id", "ts"]].dropna()
+    left = pd.DataFrame(
+        {
+            "user_id": clicks["user_id"].astype(np.int64).to_numpy(),
+            "item_id": clicks["item_id"].astype(np.int64).to_numpy(),
+            "ts": clicks["ts"].to_numpy().astype("datetime64[us]"),
+            "order": np.arange(len(clicks)),
+        }
+    ).sort_values("ts")
+    right = pd.DataFrame(
+        {
+            "user_id": buys["user_id"].astype(np.int64).to_numpy(),
+            "item_id": buys["item_id"].astype(np.int64).to_numpy(),
+            "ts": buys["ts"].to_numpy().astype("datetime64[us]"),
+            "buy_ts": buys["ts"].to_numpy().astype("datetime64[us]"),
+        }
+    ).sort_values("ts")
+    # The first purchase of the same item by the same user strictly after the click and within the window.
+    matched = pd.merge_asof(
+        left,
+        right,
+        on="ts",
+        by=["user_id", "item_id"],
+        direction="forward",
+        allow_exact_matches=False,
+        tolerance=window,
+    ).sort_values("order")
+    bought = chained.to_numpy() | matched["buy_ts"].notna().to_numpy()
+    times = clicks["ts"].to_numpy().astype("datetime64[us]")
+    open_window = times + np.timedelta64(window_hours, "h") > end
+    # Censored whether or not a purchase was already seen: keeping only the open windows that ended in one
+    # would give the newest clicks a purchase rate of 100 %.
+    purchased = np.where(open_window, np.nan, bought.astype(np.float64))
+    return pd.DataFrame(
+        {
+            "event_id": clicks["event_id"].to_numpy(),
+            "click_event_id": clicks["event_id"].to_numpy(),
+            "user_id": clicks["user_id"].to_numpy(),
+            "item_id": clicks["item_id"].to_numpy(),
+            "time": clicks["ts"].to_numpy(),
+            "position": clicks["position"].to_numpy(dtype=np.float64, na_value=np.nan),
+            "purchased": purchased,
         }
     )
 
@@ -560,7 +647,9 @@ def too_little_data(
     if any(spaces.get(name) in ("feed", "ads") for name in empty):
         hints.append(
             "feed and ad tasks need their events (impressions, ad impressions) in every split: imported logs "
-            "without impressions give none"
+            "without impressions give none, so learn cvr from clicks instead (a task with sample_space: clicks, "
+            "label: purchased; features.purchase_window_hours sets how long after a click a purchase counts) "
+            "and drop the ctr and ad_ctr tasks"
         )
     per_split = {name: counts[name] for name in empty}
     return (

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -41,7 +40,7 @@ from mtl_core.learn.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from mtl_core.learn.examples import Examples, FeatureSpace, build_examples, split_summary
+from mtl_core.learn.examples import Examples, FeatureSpace, build_examples, split_summary, too_little_data
 from mtl_core.learn.losses import make_weighting, masked_bce, residual_term, resolve_pairs
 from mtl_core.learn.models import MultiTaskModel, build_model
 from mtl_core.learn.text import finetuned_encoder, text_matrix, uses_word_vectors
@@ -144,12 +143,15 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]]
     examples: dict[str, dict[str, int]]
+    # The checkpoint's step this run continued from (0: it started afresh).
+    resumed_from_step: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "tasks": self.metrics,
             "best_step": self.best_step,
             "steps": self.steps,
+            "resumed_from_step": self.resumed_from_step,
             "seconds": round(self.seconds, 1),
             "examples": self.examples,
             "model_dir": str(self.model_dir),
@@ -206,17 +208,15 @@ def train_model(
     counts = split_summary(examples)
     empty = [name for name, c in counts.items() if c["train"] == 0 or c["valid"] == 0]
     if empty:
-        raise TrainingError(
-            f"no training or validation examples for task(s) {', '.join(empty)} in {source or 'the examples'} "
-            f"(examples per split: {json.dumps({n: counts[n] for n in empty})}); use a longer interval or drop "
-            "the task from the configuration"
-        )
+        days = (examples.interval[1] - examples.interval[0]) / np.timedelta64(1, "D")
+        reason = too_little_data(counts, empty, tasks, settings.features, float(days))
+        raise TrainingError(f"{source or 'the examples'}: {reason}")
     train_rows = np.flatnonzero(examples.split == "train")
     previous = load_model(warm_start) if warm_start else None
     if previous is not None:
-        space = previous.space.extended(examples, train_rows)
+        space = previous.space.extended(examples, train_rows, settings.model.id_features)
     else:
-        space = FeatureSpace.fit(examples, train_rows)
+        space = FeatureSpace.fit(examples, train_rows, settings.model.id_features)
     cache_dir = settings.resolved_text_cache_dir
     encoder = finetuned_encoder(settings)
     if encoder is not None:
@@ -295,6 +295,8 @@ def train_model(
             state["stale"],
             state["history"],
         )
+        log.info("resuming from the checkpoint %s at step %d", checkpoint_path, step)
+    resumed_from_step = step
 
     def scoring_data() -> TensorData:
         """The examples as the model scores them now: a fine-tuned encoder re-embeds the texts as trained so far."""
@@ -370,6 +372,7 @@ def train_model(
         seconds=time.perf_counter() - began,
         history=history,
         examples=counts,
+        resumed_from_step=resumed_from_step,
     )
 
 

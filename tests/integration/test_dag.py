@@ -15,6 +15,7 @@ import os
 from datetime import date, timedelta
 
 import pytest
+from support import leaks, renumber_users
 from typer.testing import CliRunner
 
 from mtl_core import pipeline
@@ -53,6 +54,7 @@ def installation(tmp_path_factory):
     prepare_airflow(settings)
     engine = wh.make_engine(settings.resolved_warehouse_url)
     write_shop(engine, ShopSpec(users=6000, items=1500, days=70, start=START, seed=3, drift_day=44))
+    renumber_users(engine)  # distinctive raw ids, for the test that no file outside the warehouse holds one
     yield settings, engine
     os.environ.clear()
     os.environ.update(saved)
@@ -233,6 +235,23 @@ def test_rollback_restores_the_previous_champion_and_status_shows_it(installatio
     out = runner.invoke(app, ["status", "--json"])
     state = json.loads(out.output)
     assert state["champion"]["version"] == previous == 1 and set(state["champion"]["metrics"]) >= set(TASKS)
+
+
+def test_no_file_of_the_runs_holds_a_raw_user_id_or_the_pseudonym_key(
+    installation, drift_run, rejected_run, corrupted_run
+):
+    """Snapshots, examples, models, MLflow's store and artifacts, Airflow's database and logs: everything the
+    runs wrote under the data directory except the warehouse itself and the key file."""
+    from mtl_core.data.pseudonyms import KEY_FILE
+
+    settings, engine = installation
+    with engine.connect() as conn:
+        raw = {row[0] for row in conn.execute(wh.users.select().with_only_columns(wh.users.c.user_id))}
+    key = (settings.data_dir / KEY_FILE).read_text().strip()
+    skip = [*settings.data_dir.glob("warehouse.db*"), settings.data_dir / KEY_FILE]
+    assert leaks(settings.data_dir, raw, [key], skip) == []
+    models = list((settings.data_dir / "runs").glob("*/challenger/features.json"))
+    assert models and all(json.loads(m.read_text())["vocabs"]["user"] == [] for m in models)
 
 
 def test_a_wrong_run_conf_stops_at_the_first_task_and_a_gate_override_is_refused(installation):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from support import PSEUDONYMS
 
 from mtl_core.data import extract as ingest
 from mtl_core.data import warehouse as wh
@@ -41,7 +42,7 @@ def test_interval_is_half_open(any_url, tmp_path):
     engine = wh.make_engine(any_url)
     wh.create_schema(engine)
     _events(engine, _edge_rows())
-    manifest = extract_snapshot(engine, T0, T1, tmp_path / "snap")
+    manifest = extract_snapshot(engine, T0, T1, tmp_path / "snap", pseudonyms=PSEUDONYMS)
     got = pq.read_table(tmp_path / "snap" / "behavior_events.parquet").to_pandas()
     assert sorted(got["event_id"]) == [2, 3, 4]
     assert manifest["tables"]["behavior_events"]["rows"] == 3
@@ -52,7 +53,9 @@ def test_interval_is_half_open(any_url, tmp_path):
 
 def test_aware_times_are_converted_to_utc(engine, tmp_path):
     _events(engine, _edge_rows())
-    manifest = extract_snapshot(engine, "2026-01-10T01:00:00+01:00", "2026-01-17", tmp_path / "snap")
+    manifest = extract_snapshot(
+        engine, "2026-01-10T01:00:00+01:00", "2026-01-17", tmp_path / "snap", pseudonyms=PSEUDONYMS
+    )
     assert manifest["interval"]["start"] == "2026-01-10T00:00:00Z"
     assert manifest["tables"]["behavior_events"]["rows"] == 3
 
@@ -66,11 +69,13 @@ def shop_url(tmp_path_factory):
 
 def test_same_interval_same_hash_whatever_the_chunking(shop_url, tmp_path):
     engine = wh.make_engine(shop_url)
-    first = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "a", chunk_rows=50_000)
-    again = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "a", chunk_rows=777)
+    first = extract_snapshot(
+        engine, "2026-01-08", "2026-01-22", tmp_path / "a", pseudonyms=PSEUDONYMS, chunk_rows=50_000
+    )
+    again = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "a", pseudonyms=PSEUDONYMS, chunk_rows=777)
     assert first["content_hash"] == again["content_hash"]
     assert first["tables"]["behavior_events"]["rows"] > 1000
-    other = extract_snapshot(engine, "2026-01-08", "2026-01-21", tmp_path / "b")
+    other = extract_snapshot(engine, "2026-01-08", "2026-01-21", tmp_path / "b", pseudonyms=PSEUDONYMS)
     assert other["content_hash"] != first["content_hash"]
     # the manifest on disk is the one returned, and the files hold what it counts
     assert read_manifest(tmp_path / "a") == again
@@ -80,7 +85,7 @@ def test_same_interval_same_hash_whatever_the_chunking(shop_url, tmp_path):
 
 def test_dimensions_are_taken_as_of_the_interval_end(shop_url, tmp_path):
     engine = wh.make_engine(shop_url)
-    extract_snapshot(engine, "2026-01-08", "2026-01-15", tmp_path / "s")
+    extract_snapshot(engine, "2026-01-08", "2026-01-15", tmp_path / "s", pseudonyms=PSEUDONYMS)
     items = pq.read_table(tmp_path / "s" / "items.parquet").to_pandas()
     events = pq.read_table(tmp_path / "s" / "behavior_events.parquet").to_pandas()
     assert (items["created_ts"] < pd.Timestamp("2026-01-15", tz="UTC")).all()
@@ -90,7 +95,7 @@ def test_dimensions_are_taken_as_of_the_interval_end(shop_url, tmp_path):
 def test_interrupted_extraction_leaves_no_snapshot_and_keeps_the_old_one(shop_url, tmp_path, monkeypatch):
     engine = wh.make_engine(shop_url)
     out = tmp_path / "snap"
-    old = extract_snapshot(engine, "2026-01-08", "2026-01-15", out)
+    old = extract_snapshot(engine, "2026-01-08", "2026-01-15", out, pseudonyms=PSEUDONYMS)
     real_write = ingest._write_table
     calls = {"n": 0}
 
@@ -102,29 +107,29 @@ def test_interrupted_extraction_leaves_no_snapshot_and_keeps_the_old_one(shop_ur
 
     monkeypatch.setattr(ingest, "_write_table", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        extract_snapshot(engine, "2026-01-08", "2026-01-22", out)
+        extract_snapshot(engine, "2026-01-08", "2026-01-22", out, pseudonyms=PSEUDONYMS)
     assert read_manifest(out) == old  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]  # no staging directory left behind
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "fresh")
+        extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "fresh", pseudonyms=PSEUDONYMS)
     assert not (tmp_path / "fresh").exists()
 
 
 def test_bad_interval_and_bad_warehouse_give_clear_errors(tmp_path):
     engine = wh.make_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no schema at all
     with pytest.raises(ExtractionError, match="not a date"):
-        extract_snapshot(engine, "yesterday", "2026-01-02", tmp_path / "s")
+        extract_snapshot(engine, "yesterday", "2026-01-02", tmp_path / "s", pseudonyms=PSEUDONYMS)
     with pytest.raises(ExtractionError, match="empty interval"):
-        extract_snapshot(engine, "2026-01-02", "2026-01-02", tmp_path / "s")
-    with pytest.raises(ExtractionError, match="reading the warehouse .* failed"):
-        extract_snapshot(engine, "2026-01-01", "2026-01-02", tmp_path / "s")
+        extract_snapshot(engine, "2026-01-02", "2026-01-02", tmp_path / "s", pseudonyms=PSEUDONYMS)
+    with pytest.raises(ExtractionError, match="reading table users from the warehouse .* failed"):
+        extract_snapshot(engine, "2026-01-01", "2026-01-02", tmp_path / "s", pseudonyms=PSEUDONYMS)
     assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("empty.db")]
 
 
 def test_describe_gives_counts_and_label_rates(shop_url, tmp_path):
     engine = wh.make_engine(shop_url)
-    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "s")
+    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "s", pseudonyms=PSEUDONYMS)
     info = describe_snapshot(tmp_path / "s")
     assert info["rows"]["users"] == 400
     rates = info["label_rates"]
@@ -137,7 +142,7 @@ def test_a_tampered_snapshot_is_refused_naming_the_table(shop_url, tmp_path):
     from mtl_core.data.extract import SnapshotIntegrityError, verify_snapshot
 
     engine = wh.make_engine(shop_url)
-    manifest = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "snap")
+    manifest = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "snap", pseudonyms=PSEUDONYMS)
     assert verify_snapshot(tmp_path / "snap") == manifest  # an untouched snapshot passes
     path = tmp_path / "snap" / "behavior_events.parquet"
     table = pq.read_table(path).to_pandas()
@@ -159,5 +164,7 @@ def test_an_untouched_snapshot_with_nulls_passes_verification_in_any_chunking(tm
     write_shop(wh.make_engine(url), ShopSpec(users=400, items=120, days=21, start=date(2026, 1, 5), seed=3))
     corrupt_interval(wh.make_engine(url), "2026-01-15", "2026-01-22", kinds=("null_ids",))
     for chunk_rows in (50_000, 777):
-        manifest = extract_snapshot(wh.make_engine(url), "2026-01-08", "2026-01-22", tmp_path / "s", chunk_rows)
+        manifest = extract_snapshot(
+            wh.make_engine(url), "2026-01-08", "2026-01-22", tmp_path / "s", PSEUDONYMS, chunk_rows
+        )
         assert verify_snapshot(tmp_path / "s") == manifest

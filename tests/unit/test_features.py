@@ -7,6 +7,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import pytest
+from support import PSEUDONYMS
 
 from mtl_core.config import FeatureSettings, TaskSpec, load_settings
 from mtl_core.data import warehouse as wh
@@ -23,8 +24,8 @@ def shop(tmp_path_factory):
     root = tmp_path_factory.mktemp("shop")
     engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
     write_shop(engine, ShopSpec(users=500, items=150, days=35, start=date(2026, 1, 5), seed=4))
-    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "full")
-    extract_snapshot(engine, "2026-01-05", "2026-01-30", root / "early")
+    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "full", pseudonyms=PSEUDONYMS)
+    extract_snapshot(engine, "2026-01-05", "2026-01-30", root / "early", pseudonyms=PSEUDONYMS)
     return root
 
 

@@ -309,6 +309,76 @@ def test_yaml_mapping_for_a_headerless_csv_by_position_with_a_time_format(sqlite
     assert events(sqlite_engine)["ts"].tolist() == [datetime(2024, 3, 1, 10, 0), datetime(2024, 3, 1, 10, 0, 5)]
 
 
+OTTO_MAPPING = """
+format: jsonl
+events: events
+columns: {session: user_id, aid: item_id, type: event_type, ts: ts}
+event_types: {clicks: click, carts: add_to_cart, orders: purchase}
+timestamp: {unit: ms}
+"""
+
+
+def test_jsonl_with_nested_event_lists_in_the_otto_sessions_layout(sqlite_engine, tmp_path):
+    mapping = tmp_path / "otto.yaml"
+    mapping.write_text(OTTO_MAPPING)
+    ms = T0 * 1000
+    sessions = [
+        {"session": 12899779, "events": [{"aid": 59625, "ts": ms, "type": "clicks"}]},
+        {
+            "session": 12899780,
+            "events": [
+                {"aid": 1142000, "ts": ms + 1000, "type": "clicks"},
+                {"aid": 582732, "ts": ms + 2000, "type": "carts"},
+                {"aid": 582732, "ts": ms + 3000, "type": "orders"},
+            ],
+        },
+    ]
+    lines = [json.dumps(s) for s in sessions]
+    log = write_lines(tmp_path / "otto.jsonl", [lines[0], "", lines[1], '{"session": 5, "events": "x"}', "[1]"])
+
+    aborted = import_logs(log, mapping, sqlite_engine)
+    assert aborted.aborted and [(b["line"], b["reason"]) for b in aborted.first_bad] == [
+        (4, "'events' is not a list of event objects"),
+        (5, "not a JSON object"),
+    ]
+    report = import_logs(log, mapping, sqlite_engine, skip_bad=True, chunk_rows=2)
+    assert (report.rows_read, report.rows_loaded, report.bad_rows) == (6, 4, 2)
+    got = events(sqlite_engine)
+    assert got["user_id"].tolist() == [12899779, 12899780, 12899780, 12899780]
+    assert got["item_id"].tolist() == [59625, 1142000, 582732, 582732]
+    assert got["event_type"].tolist() == ["click", "click", "add_to_cart", "purchase"]
+    assert got["ts"].iloc[3] == datetime(2017, 11, 24, 17, 21, 13)
+    # gzip'd, and found by its suffix without 'format'
+    gz = tmp_path / "otto.jsonl.gz"
+    gz.write_bytes(gzip.compress((lines[1] + "\n").encode()))
+    mapping.write_text(OTTO_MAPPING.replace("format: jsonl\nevents: events", "events: events"))
+    with pytest.raises(MtlError, match="'events' .* needs 'format: jsonl'"):
+        import_logs(gz, mapping, sqlite_engine)
+
+
+def test_jsonl_one_event_per_line_with_dotted_paths_and_bad_lines(sqlite_engine, tmp_path):
+    mapping = tmp_path / "flat.yaml"
+    mapping.write_text(
+        "columns: {user.id: user_id, item: item_id, kind: event_type, at: ts, user.tier: category}\n"
+        "event_types: {view: impression, tap: click}\n"
+    )
+    log = write_lines(
+        tmp_path / "flat.ndjson",
+        [
+            json.dumps({"user": {"id": 7}, "item": 70, "kind": "view", "at": T0}),
+            json.dumps({"user": {"id": 7}, "item": 70, "kind": "tap", "at": T0 + 5}),
+            '{"user": {"id": 8}, "item": 80, "kind": "tap", "at": ',  # truncated line
+            json.dumps({"user": {}, "item": 80, "kind": "tap", "at": T0 + 9}),  # no user id
+        ],
+    )
+    report = import_logs(log, mapping, sqlite_engine)
+    assert report.aborted and [b["line"] for b in report.first_bad] == [3, 4]
+    assert report.first_bad[0]["reason"].startswith("not valid JSON")
+    assert "user_id" in report.first_bad[1]["reason"]
+    report = import_logs(log, mapping, sqlite_engine, skip_bad=True)
+    assert report.rows_loaded == 2 and events(sqlite_engine)["event_type"].tolist() == ["impression", "click"]
+
+
 def test_yaml_mapping_for_parquet(sqlite_engine, tmp_path):
     mapping = tmp_path / "m.yaml"
     mapping.write_text("columns: {u: user_id, i: item_id, e: event_type, t: ts}\nevent_types: {fav: favorite}\n")

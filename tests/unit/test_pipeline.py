@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_training_env
+from support import PSEUDONYMS
 
 from mtl_core import pipeline
 from mtl_core.artifacts import Snapshot
@@ -66,7 +67,7 @@ def test_a_tampered_snapshot_stops_validate_and_build_features_and_mtl_train(tmp
     settings = load_settings(environ=tiny_training_env(tmp_path, tiny_bert_path))
     engine = wh.make_engine(settings.resolved_warehouse_url)
     write_shop(engine, ShopSpec(users=300, items=80, days=21, seed=2))
-    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "snap")
+    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "snap", pseudonyms=PSEUDONYMS)
     items = pq.read_table(tmp_path / "snap" / "items.parquet")
     prices = items["price"].to_pylist()
     prices[0] = 0.01  # one price changed after extraction; the file otherwise as written
@@ -105,7 +106,7 @@ def test_a_window_too_short_for_a_task_names_the_settings_to_change(tmp_path):
     settings = load_settings(environ={"MTL_DATA_DIR": str(tmp_path), "MTL_TEXT__ENABLED": "false"})
     engine = wh.make_engine(settings.resolved_warehouse_url)
     write_shop(engine, ShopSpec(users=300, items=80, days=21, seed=2))
-    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "snap")  # 21 days, like a short import
+    extract_snapshot(engine, "2026-01-05", "2026-01-26", tmp_path / "snap", PSEUDONYMS)  # 21 days, like a short import
     with pytest.raises(TrainingError) as caught:
         pipeline.build_features(settings, Snapshot.load(tmp_path / "snap"), "k")
     message = str(caught.value)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_training_env
+from support import PSEUDONYMS
 
 from mtl_core import registry as reg
 from mtl_core.config import load_settings
@@ -36,7 +37,7 @@ def trained(tmp_path_factory, tiny_bert_path):
     root = tmp_path_factory.mktemp("registry_shop")
     engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
     write_shop(engine, ShopSpec(users=600, items=150, days=35, start=date(2026, 1, 5), seed=5))
-    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap")
+    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap", pseudonyms=PSEUDONYMS)
     settings = load_settings(environ=tiny_training_env(root / "data", tiny_bert_path))
     first = train_on_snapshot(root / "snap", root / "model_a", settings, progress=False)
     other = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": 1})})

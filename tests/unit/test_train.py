@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_training_env
+from support import PSEUDONYM_KEY, PSEUDONYMS
 from typer.testing import CliRunner
 
 from mtl_core.cli import app
@@ -27,9 +28,9 @@ def shop(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_shop")
     engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
     write_shop(engine, ShopSpec(users=600, items=150, days=35, start=date(2026, 1, 5), seed=5))
-    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap")
-    extract_snapshot(engine, "2026-01-05", "2026-01-30", root / "mid")
-    extract_snapshot(engine, "2026-01-05", "2026-01-21", root / "short")
+    extract_snapshot(engine, "2026-01-05", "2026-02-09", root / "snap", pseudonyms=PSEUDONYMS)
+    extract_snapshot(engine, "2026-01-05", "2026-01-30", root / "mid", pseudonyms=PSEUDONYMS)
+    extract_snapshot(engine, "2026-01-05", "2026-01-21", root / "short", pseudonyms=PSEUDONYMS)
     return root
 
 
@@ -204,11 +205,12 @@ def test_top_k_fine_tuning_trains_only_the_top_layers(shop, settings, tmp_path, 
 
 
 def test_too_short_a_snapshot_is_a_clear_error(shop, settings, tmp_path):
-    with pytest.raises(Exception, match="too short|no training or validation examples"):
+    with pytest.raises(Exception, match="too short|have no examples in some split"):
         train_on_snapshot(shop / "short", tmp_path / "m", settings, progress=False)
 
 
 def test_cli_train_and_evaluate_print_per_task_json(shop, settings, tmp_path, monkeypatch, tiny_bert_path):
+    monkeypatch.setenv("MTL_PRIVACY__PSEUDONYM_KEY", PSEUDONYM_KEY)  # the key the snapshot was made with
     config = tmp_path / "mtl.yaml"
     config.write_text(
         f"data_dir: {tmp_path}\ntext:\n  model_path: {tiny_bert_path}\n"

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from support import PSEUDONYMS
 
 from mtl_core import quality as validate
 from mtl_core.data import extract as ingest
@@ -44,8 +45,8 @@ def shop(tmp_path_factory) -> dict[str, Path]:
     """The clean warehouse and its two weekly snapshots."""
     base = tmp_path_factory.mktemp("validate_shop")
     engine = make_shop(base / "clean.db")
-    ingest.extract_snapshot(engine, *WEEK1, base / "week1")
-    ingest.extract_snapshot(engine, *WEEK2, base / "week2")
+    ingest.extract_snapshot(engine, *WEEK1, base / "week1", pseudonyms=PSEUDONYMS)
+    ingest.extract_snapshot(engine, *WEEK2, base / "week2", pseudonyms=PSEUDONYMS)
     engine.dispose()
     return {"base": base, "week1": base / "week1", "week2": base / "week2"}
 
@@ -53,7 +54,7 @@ def shop(tmp_path_factory) -> dict[str, Path]:
 def corrupted_snapshot(tmp_path: Path, kind: str, interval: tuple[str, str] = WEEK2) -> tuple[Path, dict]:
     engine = make_shop(tmp_path / f"{kind}.db")
     done = corrupt_interval(engine, *interval, kinds=(kind,), seed=1)
-    out = ingest.extract_snapshot(engine, *interval, tmp_path / f"snapshot_{kind}")
+    out = ingest.extract_snapshot(engine, *interval, tmp_path / f"snapshot_{kind}", pseudonyms=PSEUDONYMS)
     engine.dispose()
     assert out["tables"]
     return tmp_path / f"snapshot_{kind}", done
@@ -163,7 +164,7 @@ def test_each_corruption_fails_with_the_right_expectation(shop, tmp_path, kind):
 def test_message_lists_every_failure_on_its_own_line(shop, tmp_path):
     engine = make_shop(tmp_path / "wh.db")
     corrupt_interval(engine, *WEEK2, kinds=("bad_event_types", "negative_prices", "null_ids"))
-    ingest.extract_snapshot(engine, *WEEK2, tmp_path / "snap")
+    ingest.extract_snapshot(engine, *WEEK2, tmp_path / "snap", pseudonyms=PSEUDONYMS)
 
     with pytest.raises(validate.ValidationFailed) as caught:
         validate.run_validation(tmp_path / "snap", shop["week1"])
@@ -274,7 +275,7 @@ def test_imported_logs_without_impressions_pass_with_skipped_label_rates(tmp_pat
     (tmp_path / "taobao.csv").write_text("\n".join(lines) + "\n")
     engine = wh.make_engine(f"sqlite:///{tmp_path / 'wh.db'}")
     assert not import_logs(tmp_path / "taobao.csv", "taobao", engine).aborted
-    ingest.extract_snapshot(engine, *WEEK1, tmp_path / "snap")
+    ingest.extract_snapshot(engine, *WEEK1, tmp_path / "snap", pseudonyms=PSEUDONYMS)
 
     report = validate.validate_snapshot(tmp_path / "snap")
 
@@ -420,7 +421,7 @@ def test_a_collapsed_newest_week_fails_though_the_whole_window_looks_normal(tmp_
     engine = wh.make_engine(f"sqlite:///{tmp_path / 'shop.db'}")
     simulate.write_shop(engine, simulate.ShopSpec(users=400, items=120, days=35, seed=3))
     interval = ("2026-01-05", "2026-02-09")
-    ingest.extract_snapshot(engine, *interval, tmp_path / "healthy")
+    ingest.extract_snapshot(engine, *interval, tmp_path / "healthy", pseudonyms=PSEUDONYMS)
     report = validate.validate_snapshot(tmp_path / "healthy", data_docs=False)
     assert report.success, validate.failure_message(report)
     week = [c for c in report.checks if c["check"] == "expect_newest_week_volume_like_history"]
@@ -436,7 +437,7 @@ def test_a_collapsed_newest_week_fails_though_the_whole_window_looks_normal(tmp_
             doomed = ids[: int(len(ids) * 0.95)]
             for start in range(0, len(doomed), 5000):
                 conn.execute(delete(table).where(table.c.event_id.in_(doomed[start : start + 5000])))
-    ingest.extract_snapshot(engine, *interval, tmp_path / "collapsed")
+    ingest.extract_snapshot(engine, *interval, tmp_path / "collapsed", pseudonyms=PSEUDONYMS)
     report = validate.validate_snapshot(tmp_path / "collapsed", data_docs=False)
 
     assert ("behavior_events", "ts", "expect_newest_week_volume_like_history") in failing(report)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_core.learn.examples import CATEGORICAL, NUMERIC, SPACES
+from mtl_core.learn.examples import CATEGORICAL, ID_FEATURES, NUMERIC, SPACES
 
 USER_SIDE = ("user", "region", "age_band")
 ITEM_SIDE = ("item", "category", "brand", "ad")
-# Per-entity ids, learned only when the model settings' id_features name them.
-ID_FEATURES = ("user", "item", "ad")
 # Index of the "users" sample space in the space vocabulary (0 is out of vocabulary).
 USERS_SPACE_INDEX = SPACES.index("users") + 1
 
