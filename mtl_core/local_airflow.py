@@ -16,6 +16,7 @@ from typing import Any
 
 from mtl_core.config import Settings
 from mtl_core.errors import MtlError
+from mtl_core.locks import LockTimeout, file_lock
 
 # The repository's dags/ folder (the package is installed in development mode from the repository).
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
@@ -44,8 +45,6 @@ def prepare_airflow(settings: Settings) -> None:
     Must run before anything imports airflow: Airflow reads its configuration once, on first import.
     """
     import subprocess
-
-    from mtl_core.locks import file_lock
 
     env = _airflow_env(settings)
     os.environ.update(env)
@@ -107,5 +106,18 @@ def run_dag_in_process(
     if bag.import_errors:
         raise MtlError(f"the DAGs folder has import errors: {bag.import_errors}")
     dag = bag.get_dag(DAG_ID)
-    run = dag.test(logical_date=pendulum.parse(logical_date, tz="UTC"), run_conf=conf or None)
+    when = pendulum.parse(logical_date, tz="UTC")
+    # dag.test() replaces an existing run of the same logical date: a second `mtl run-dag` for a date whose
+    # run is still going would delete the first one's run under it (it then dies on a foreign key). One
+    # run per date at a time; runs of different dates may overlap (promotion is compare-and-set).
+    lock = Path(os.environ["AIRFLOW_HOME"]) / "runs" / f"{DAG_ID}-{when:%Y%m%dT%H%M%S}.lock"
+    try:
+        with file_lock(lock, timeout=0, what=f"the run of {logical_date}"):
+            run = dag.test(logical_date=when, run_conf=conf or None)
+    except LockTimeout:
+        holder = lock.read_text().strip() if lock.exists() else "another process"
+        raise MtlError(
+            f"a run of {DAG_ID} for logical date {when.isoformat()} is already in progress in this installation "
+            f"({holder}); wait for it to finish, then replay the date if needed"
+        ) from None
     return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}

@@ -254,6 +254,16 @@ def test_no_file_of_the_runs_holds_a_raw_user_id_or_the_pseudonym_key(
     assert models and all(json.loads(m.read_text())["vocabs"]["user"] == [] for m in models)
 
 
+def test_a_second_run_of_a_date_whose_run_is_going_is_refused_not_let_to_replace_it(installation):
+    from mtl_core.errors import MtlError
+    from mtl_core.locks import file_lock
+
+    settings, _ = installation
+    lock = settings.data_dir.resolve() / "airflow" / "runs" / f"mtl_retrain-{WEEK[6]:%Y%m%d}T000000.lock"
+    with file_lock(lock, what="a run in progress"), pytest.raises(MtlError, match="already in progress"):
+        _run(settings, WEEK[6])
+
+
 def test_a_wrong_run_conf_stops_at_the_first_task_and_a_gate_override_is_refused(installation):
     settings, _ = installation
     for conf in (
