@@ -105,11 +105,11 @@ def extract_command(
     as_json: JsonOption = False,
 ) -> None:
     """Extract [start, end) of every warehouse table into a Parquet snapshot with a manifest."""
-    from mtl_core.data.extract import extract_snapshot
     from mtl_core.data.pseudonyms import pseudonymiser_for
+    from mtl_core.data.stored_values import extract_or_explain
 
     settings = _settings(config)
-    manifest = extract_snapshot(_engine(db, settings), start, end, out, pseudonymiser_for(settings))
+    manifest = extract_or_explain(_engine(db, settings), start, end, out, pseudonymiser_for(settings))
     rows = ", ".join(f"{name}={meta['rows']:,}" for name, meta in manifest["tables"].items())
     _print(manifest, as_json, f"snapshot {out}: {rows}\ncontent hash {manifest['content_hash']}")
 

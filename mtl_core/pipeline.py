@@ -92,23 +92,12 @@ def extract(settings: Settings, interval_end: Any) -> Snapshot:
     Raises ``StoredValueError`` naming the table and column when the warehouse holds a value its schema does
     not allow (a price written as text, a title that is not UTF-8).
     """
-    from mtl_core.data.extract import extract_snapshot
     from mtl_core.data.pseudonyms import pseudonymiser_for
+    from mtl_core.data.stored_values import extract_or_explain
 
     start, end = training_window(settings, interval_end)
     out = settings.snapshots_dir / f"{start:%Y%m%d}-{end:%Y%m%d}"
-    engine, pseudonyms = _warehouse(settings), pseudonymiser_for(settings)
-    try:
-        extract_snapshot(engine, start, end, out, pseudonyms)
-    except Exception as exc:
-        # A value stored against its column's type fails deep in the driver or Arrow, naming no table or
-        # column: say which (a StoredValueError), or re-raise when that is not why.
-        from mtl_core.data.stored_values import explain_extraction_failure
-
-        explained = explain_extraction_failure(engine, start, end)
-        if explained is None:
-            raise
-        raise explained from exc
+    extract_or_explain(_warehouse(settings), start, end, out, pseudonymiser_for(settings))
     return Snapshot.load(out)
 
 

@@ -8,6 +8,8 @@ registry or Airflow. Modules:
 * ``shop``: the synthetic shop and its generative process (with known ground truth);
 * ``corruption``: deliberate bad batches, for the validation tests and the demo;
 * ``extract``: a data interval of the warehouse into a Parquet snapshot with a manifest;
+* ``stored_values``: values the warehouse stores against its schema, named by table and column when an
+  extraction stops on them;
 * ``log_formats`` and ``import_logs``: external behaviour logs (Taobao layout or a YAML mapping) into the
   warehouse.
 """

@@ -1,5 +1,6 @@
-"""Whole-snapshot checks GX has no expectation for: label rates, label leakage, ids in dimension tables,
-and the row-count bounds of the event tables against the previous snapshot."""
+"""Whole-snapshot checks GX has no expectation for: label rates, label leakage, ids in dimension tables, parent
+links between events, the newest week against the weeks before it, and the row-count bounds of the event tables
+against the previous snapshot."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mtl_core.jsonable import to_jsonable
 LEAKAGE_SAMPLE_ROWS = 200_000
 ID_COLUMNS = frozenset({"event_id", "parent_event_id", "user_id", "item_id", "ad_id", "session_id"})
 SAMPLE_VALUES = 5  # sample values reported per failing expectation or check
+SAMPLE_CHARS = 120  # a longer text sample is cut (a 100 kB title must not become a 500 kB message)
 WILSON_Z = 2.576  # two-sided 99 %
 
 
@@ -37,6 +39,14 @@ LABEL_RATES = (
     LabelRate("cvr", "behavior_events", "purchase", "click", 0.005, 0.6),
     LabelRate("ad_ctr", "ad_events", "ad_click", "ad_impression", 0.001, 0.2),
 )
+
+
+def sample_value(value: Any) -> Any:
+    """A reported sample value: JSON-ready, a long text cut to SAMPLE_CHARS with its length said."""
+    value = to_jsonable(value)
+    if isinstance(value, str) and len(value) > SAMPLE_CHARS:
+        return f"{value[: SAMPLE_CHARS - 40]}... ({len(value):,} characters)"
+    return value
 
 
 def _instant(value: str) -> pd.Timestamp:
@@ -175,45 +185,60 @@ def _leak_reason(values: pd.Series, label: np.ndarray) -> tuple[str, int] | None
     return None
 
 
-def check_leakage(frames: Mapping[str, pd.DataFrame], seed: int = 0) -> list[dict[str, Any]]:
-    """No non-id column of the event tables predicts the click label perfectly (see the module docstring)."""
+def check_leakage(
+    frames: Mapping[str, pd.DataFrame], seed: int = 0, interval: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """No non-id column of the event tables predicts the click label perfectly (see the module docstring).
+
+    With the snapshot's ``interval``, the newest week is judged on its own as well: a backfill that wrote the
+    outcome into one week's rows is diluted by the clean weeks before it.
+    """
     checks = []
     spaces = (("feed", "behavior_events", "impression", "click"), ("ads", "ad_events", "ad_impression", "ad_click"))
+    cut = _newest_week_cut(interval) if interval is not None else None
     for space, table, impression, click in spaces:
-        frame = frames[table]
-        impressions, clicked = _click_labels(frame, impression, click)
-        check: dict[str, Any] = {
-            "check": "expect_no_label_leakage",
-            "name": space,
-            "table": table,
-            "label": f"{click} whose parent_event_id is the {impression}",
-            "skipped": False,
-            "leaks": [],
-        }
-        if len(impressions) == 0 or not clicked.any() or clicked.all():
-            check.update(
-                success=True,
-                skipped=True,
-                note=f"skipped: no {impression} events with both clicked and unclicked ones "
-                "(nothing to leak into; imported logs have no impressions)",
-            )
-            checks.append(check)
-            continue
-        if len(impressions) > LEAKAGE_SAMPLE_ROWS:
-            rows = np.sort(np.random.default_rng(seed).choice(len(impressions), LEAKAGE_SAMPLE_ROWS, replace=False))
-            impressions, clicked = impressions.iloc[rows], clicked[rows]
-        columns = [c for c in impressions.columns if c not in ID_COLUMNS and c != "event_type"]
-        for column in columns:
-            found = _leak_reason(impressions[column], clicked)
-            if found:
-                reason, rows_used = found
-                sample = impressions[column].iloc[np.flatnonzero(clicked)[:SAMPLE_VALUES]]
-                check["leaks"].append(
-                    {"column": column, "reason": reason, "rows": rows_used, "sample_values": to_jsonable(list(sample))}
-                )
-        check.update(success=not check["leaks"], columns_checked=columns, sample_rows=int(len(impressions)))
-        checks.append(check)
+        impressions, clicked = _click_labels(frames[table], impression, click)
+        checks.append(_leakage(space, table, impression, click, impressions, clicked, seed))
+        if cut is not None:
+            newest = (impressions["ts"] >= cut).to_numpy()
+            name = f"{space}, newest {NEWEST_DAYS} days"
+            checks.append(_leakage(name, table, impression, click, impressions[newest], clicked[newest], seed))
     return checks
+
+
+def _leakage(
+    name: str, table: str, impression: str, click: str, impressions: pd.DataFrame, clicked: np.ndarray, seed: int
+) -> dict[str, Any]:
+    check: dict[str, Any] = {
+        "check": "expect_no_label_leakage",
+        "name": name,
+        "table": table,
+        "label": f"{click} whose parent_event_id is the {impression}",
+        "skipped": False,
+        "leaks": [],
+    }
+    if len(impressions) == 0 or not clicked.any() or clicked.all():
+        check.update(
+            success=True,
+            skipped=True,
+            note=f"skipped: no {impression} events with both clicked and unclicked ones "
+            "(nothing to leak into; imported logs have no impressions)",
+        )
+        return check
+    if len(impressions) > LEAKAGE_SAMPLE_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(len(impressions), LEAKAGE_SAMPLE_ROWS, replace=False))
+        impressions, clicked = impressions.iloc[rows], clicked[rows]
+    columns = [c for c in impressions.columns if c not in ID_COLUMNS and c != "event_type"]
+    for column in columns:
+        found = _leak_reason(impressions[column], clicked)
+        if found:
+            reason, rows_used = found
+            sample = impressions[column].iloc[np.flatnonzero(clicked)[:SAMPLE_VALUES]]
+            check["leaks"].append(
+                {"column": column, "reason": reason, "rows": rows_used, "sample_values": to_jsonable(list(sample))}
+            )
+    check.update(success=not check["leaks"], columns_checked=columns, sample_rows=int(len(impressions)))
+    return check
 
 
 def check_references(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
@@ -238,13 +263,151 @@ def check_references(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]
                     "skipped": False,
                     "unexpected_count": int(len(orphans)),
                     "sample_values": [int(v) for v in pd.unique(orphans)[:SAMPLE_VALUES]],
-                    "note": f"{len(orphans)} of {len(values)} rows name a {column} missing from {dimension[column]}",
+                    "note": f"{len(orphans)} of {len(values)} rows name {_a(column)} missing from {dimension[column]} "
+                    "(its row was never written, or is dated after the interval's end and so not yet part of it)",
                 }
             )
     return checks
 
 
+# child event type -> the type of the event it follows, per table (the shop's chains; imported logs have none).
+PARENT_TYPES = {
+    "behavior_events": {"click": "impression", "add_to_cart": "click", "purchase": "add_to_cart"},
+    "ad_events": {"ad_click": "ad_impression"},
+}
+# A child in the interval's first day may follow a parent from before the interval: not extracted, not broken.
+PARENT_GRACE = pd.Timedelta(hours=24)
+# Broken links tolerated, as for duplicates: the larger of a share and a count (a rare lost beacon is no batch).
+PARENT_TOLERANCE_SHARE, PARENT_TOLERANCE_ROWS = 0.005, 10
+
+
+def check_parent_links(frames: Mapping[str, pd.DataFrame], interval: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every click follows an impression, every cart a click, every purchase a cart, every ad click an ad
+    impression of the snapshot, and none of them is earlier than the event it follows.
+
+    The labels are built from these links (learn/examples.py): a click whose impression is missing leaves an
+    impression unlabelled and a click with no example, a purchase no click led to is counted in cvr by event
+    type while no click's label gets it, a click stamped before its impression means one producer's clock or
+    time zone is wrong. Children in the interval's first day (PARENT_GRACE) are not judged on missing parents,
+    which may lie before the interval. A child type none of whose events has a parent (imported logs) is
+    skipped. Up to the larger of PARENT_TOLERANCE_SHARE and PARENT_TOLERANCE_ROWS broken children pass.
+    """
+    judged_from = _instant(interval["start"]) + PARENT_GRACE
+    checks: list[dict[str, Any]] = []
+    for table, links in PARENT_TYPES.items():
+        frame = frames[table]
+        # Ids stay int64 (imported events' ids are 63-bit hashes, which float64 would merge).
+        known = frame["event_id"].notna().to_numpy()
+        by_id = pd.DataFrame(
+            {"event_type": frame["event_type"].to_numpy()[known], "ts": frame["ts"].to_numpy()[known]},
+            index=frame["event_id"].to_numpy(dtype=np.int64, na_value=0)[known],
+        )
+        by_id = by_id[~by_id.index.duplicated()]
+        for child, parent in links.items():
+            children = frame[frame["event_type"] == child]
+            parents = children["parent_event_id"]
+            name = f"{child} -> {parent}"
+            if len(children) == 0 or parents.isna().all():
+                note = f"skipped: no {child} event names a parent (imported logs carry no parent links)"
+                checks.append(_link_check("expect_parent_links_to_resolve", name, table, "parent_event_id", note))
+                continue
+            named = parents.notna().to_numpy()
+            parent_ids = parents.to_numpy(dtype=np.int64, na_value=0)
+            found = named & np.isin(parent_ids, by_id.index.to_numpy())
+            parent_type = np.full(len(children), None, dtype=object)
+            parent_ts = np.full(len(children), np.datetime64("NaT"), dtype="datetime64[ns]")
+            lookup = by_id.loc[parent_ids[found]]
+            parent_type[found] = lookup["event_type"].to_numpy()
+            parent_ts[found] = lookup["ts"].dt.tz_convert(None).to_numpy()
+            judged = (children["ts"] >= judged_from).to_numpy()
+            missing = judged & ~named
+            absent = judged & named & ~found
+            other = judged & found & (parent_type != parent)
+            broken = missing | absent | other
+            counted = int(judged.sum())
+            note = (
+                f"{int(broken.sum())} of {counted} {child} events after the interval's first "
+                f"{PARENT_GRACE.total_seconds() / 3600:g} h do not follow {_a(parent)} of the snapshot: "
+                f"{int(missing.sum())} have no parent_event_id, {int(absent.sum())} name an event the snapshot "
+                f"lacks, {int(other.sum())} name another event type"
+            )
+            samples = [sample_value(v) for v in parents[broken].head(SAMPLE_VALUES)]
+            checks.append(
+                _link_check(
+                    "expect_parent_links_to_resolve",
+                    name,
+                    table,
+                    "parent_event_id",
+                    note,
+                    int(broken.sum()) <= _parent_tolerance(counted),
+                    int(broken.sum()),
+                    samples,
+                )
+            )
+            child_ts = children["ts"].dt.tz_convert(None).to_numpy()
+            early = found & (child_ts < parent_ts)
+            lead = (parent_ts[early] - child_ts[early]) / np.timedelta64(1, "s")
+            note = f"{int(early.sum())} of {int(found.sum())} {child} events are earlier than the {parent} they follow"
+            if early.any():
+                note += (
+                    f" (by {np.median(lead) / 3600:.3g} h in the median, up to {lead.max() / 3600:.3g} h): a "
+                    "producer's clock or time zone is wrong"
+                )
+            samples = [sample_value(v) for v in children["ts"][early].head(SAMPLE_VALUES)]
+            checks.append(
+                _link_check(
+                    "expect_events_not_before_their_parent",
+                    name,
+                    table,
+                    "ts",
+                    note,
+                    int(early.sum()) <= _parent_tolerance(int(found.sum())),
+                    int(early.sum()),
+                    samples,
+                )
+            )
+    return checks
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeio' else 'a'} {noun}"  # "a user_id": no word here starts with a vowel u
+
+
+def _parent_tolerance(rows: int) -> int:
+    return max(PARENT_TOLERANCE_ROWS, int(PARENT_TOLERANCE_SHARE * rows))
+
+
+def _link_check(
+    check: str,
+    name: str,
+    table: str,
+    column: str,
+    note: str,
+    success: bool | None = None,
+    unexpected: int | None = None,
+    samples: list[Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "check": check,
+        "name": name,
+        "table": table,
+        "column": column,
+        "success": True if success is None else success,
+        "skipped": success is None,
+        "unexpected_count": unexpected,
+        "sample_values": samples or [],
+        "note": note,
+    }
+
+
 NEWEST_DAYS = 7  # the newest week: what the holdout is made of, and what a lost collector empties first
+
+
+def _newest_week_cut(interval: Mapping[str, str]) -> pd.Timestamp | None:
+    """Where the newest week of the interval begins, or None when the interval has no earlier week."""
+    start, end = _instant(interval["start"]), _instant(interval["end"])
+    cut = end - pd.Timedelta(days=NEWEST_DAYS)
+    return cut if (cut - start) >= pd.Timedelta(days=NEWEST_DAYS) else None
 
 
 def check_newest_week(

@@ -49,8 +49,17 @@ Whole-snapshot checks (here, in pandas: GX has no expectation spanning tables or
   backfilled into ``position``): the model would learn it and fail in serving. Ids are left out on
   purpose: the label is built from ``event_id``/``parent_event_id``, and user/item/session ids are keys
   whose predictive power is learned from history, legitimately.
+  The newest week is judged on its own as well, so a backfill of one week is not diluted by the others.
 * ``expect_ids_to_exist_in_dimension_table``: every user_id and item_id of the event tables is in the
-  users and items tables of the snapshot; an orphan loses its features in every join.
+  users and items tables of the snapshot; an orphan loses its features in every join (a users or items row
+  dated after the interval's end is not part of the snapshot, so its events are orphans too).
+* ``expect_parent_links_to_resolve`` and ``expect_events_not_before_their_parent``: every click follows an
+  impression of the snapshot, every add_to_cart a click, every purchase an add_to_cart, every ad click an ad
+  impression, and none is earlier than its parent (children of the interval's first day may follow a parent
+  from before it; a type none of whose events has a parent, as in imported logs, is skipped).
+* ``expect_newest_week_volume_like_history`` and ``expect_newest_week_label_rate_like_history``: the newest
+  week's rows per day and label rates against the weeks before it in the same snapshot (a whole-window bound
+  hides a broken week among four good ones).
 
 A table too broken for one of these (a missing column) makes that check fail with the reason, as GX does
 with an expectation it cannot evaluate, rather than crash the run.
@@ -92,9 +101,11 @@ from mtl_core.quality.checks import (
     check_label_rates,
     check_leakage,
     check_newest_week,
+    check_parent_links,
     check_references,
     duplicate_mostly,
     run_guarded,
+    sample_value,
     volume_bounds,
 )
 from mtl_core.quality.report import (
@@ -278,11 +289,11 @@ def _gx_failures(table: str, result: dict[str, Any], volume: dict[str, Any] | No
         error = _exception_message(outcome.get("exception_info"))
         counts = found.get("partial_unexpected_counts")
         if counts:
-            samples = [to_jsonable(entry.get("value")) for entry in counts[:SAMPLE_VALUES]]
+            samples = [sample_value(entry.get("value")) for entry in counts[:SAMPLE_VALUES]]
         elif "partial_unexpected_list" in found:
-            samples = to_jsonable(found["partial_unexpected_list"][:SAMPLE_VALUES])
+            samples = [sample_value(value) for value in found["partial_unexpected_list"][:SAMPLE_VALUES]]
         elif "observed_value" in found:
-            samples = [to_jsonable(found["observed_value"])]
+            samples = [sample_value(found["observed_value"])]
         else:
             samples = []
         expected = f"; expected {_expected(kwargs)}" if _expected(kwargs) else ""
@@ -392,8 +403,9 @@ def validate_snapshot(
             check
             for run in (
                 check_label_rates,
-                check_leakage,
+                partial(check_leakage, interval=report.interval),
                 check_references,
+                partial(check_parent_links, interval=report.interval),
                 partial(check_newest_week, interval=report.interval),
             )
             for check in run_guarded(run, frames)
