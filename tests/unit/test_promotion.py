@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -106,3 +107,28 @@ def test_the_advisory_lock_holds_across_sessions_on_postgresql(pg_url, tmp_path)
                 pass
     with store_lock(pg_url, "promotion", tmp_path, timeout=5):  # released
         pass
+
+
+FIRST_RUN = """
+from mtl_core.config import load_settings
+from mtl_core.local_airflow import prepare_airflow
+from mtl_core.registry.store import configure
+
+settings = load_settings()
+prepare_airflow(settings)
+configure(settings.resolved_mlflow_tracking_uri).search_experiments()
+print("ready", flush=True)
+"""
+
+
+def test_two_first_runs_at_once_initialise_airflow_and_mlflow_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MTL_", "AIRFLOW_", "MLFLOW_TRACKING"))}
+    env["MTL_DATA_DIR"] = str(tmp_path)
+    runs = [
+        subprocess.Popen([sys.executable, "-c", FIRST_RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outcomes = [run.communicate(timeout=300) for run in runs]
+    for run, (out, err) in zip(runs, outcomes, strict=True):
+        assert run.returncode == 0 and out.strip() == b"ready", err.decode()[-2000:]
+    assert (tmp_path / "airflow" / "airflow.db.migrated").exists() and (tmp_path / "mlflow.db").exists()
