@@ -92,21 +92,13 @@ def load_or_create_key(data_dir: Path) -> str:
     """
     path = _key_file(data_dir)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process created it first: use theirs
-        finally:
-            tmp.unlink(missing_ok=True)
+            _create_key_file(path)
+        except OSError as exc:
+            raise PseudonymKeyError(
+                f"cannot create the pseudonymisation key file {path}: {exc.strerror or exc}; make {path.parent} "
+                "writable, or set the key with MTL_PRIVACY__PSEUDONYM_KEY"
+            ) from None
     try:
         key = path.read_text().strip()
     except OSError as exc:
@@ -114,6 +106,25 @@ def load_or_create_key(data_dir: Path) -> str:
     if not key:
         raise PseudonymKeyError(f"the pseudonymisation key file {path} is empty; delete it to create a new key")
     return key
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a new random key beside ``path`` and link it into place (the first process to link wins)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def pseudonymiser_for(settings: Settings) -> Pseudonymiser:

@@ -123,3 +123,9 @@ def test_the_leak_finder_finds_a_raw_id_in_text_binary_and_parquet(tmp_path):
     assert "a.json: a raw id as text" in found and "b.bin: a raw id as float64" in found
     assert "c.parquet:u: a raw id as int64" in found and "d.txt: the secret" in found
     assert "d.txt: a raw id" not in found  # 731000000170 is not 731000000017
+
+
+def test_a_data_dir_where_the_key_file_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "secrets").write_text("a file where the secrets folder should be")
+    with pytest.raises(PseudonymKeyError, match="cannot create the pseudonymisation key file .*MTL_PRIVACY__"):
+        load_or_create_key(tmp_path)
