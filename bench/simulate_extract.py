@@ -19,12 +19,13 @@ from datetime import date, timedelta
 from pathlib import Path
 
 EXTRACT = """
-import json, resource, sys, time
+import json, resource, secrets, sys, time
 from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot
+from mtl_core.data.pseudonyms import Pseudonymiser
 url, start, end, out = sys.argv[1:5]
 began = time.perf_counter()
-manifest = extract_snapshot(wh.make_engine(url), start, end, out)
+manifest = extract_snapshot(wh.make_engine(url), start, end, out, Pseudonymiser(secrets.token_hex(32)))
 seconds = time.perf_counter() - began
 rows = sum(t["rows"] for t in manifest["tables"].values())
 print(json.dumps({"rows": rows, "seconds": round(seconds, 2), "rows_per_second": round(rows / seconds),
