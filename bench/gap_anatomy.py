@@ -4,8 +4,9 @@ The oracle AUC says how far a task is from the best possible model; this says wh
 is missing. The shop draws every label from a logit that is a sum of named terms (user taste x item
 vector, the hidden attributes, quality, price, the ad opener, per-user biases: ``shop.logit_terms``). For
 each holdout row the script rebuilds those terms, checks that their sum gives the shop's recorded true
-probability, and then, per term, fits a two-feature logistic regression on [model logit, term]: the AUC
-it reaches is what the model would score if it also knew that term. A term the model has learned adds
+probability, and then, per term, fits a two-feature logistic regression on [model logit, term] on half the
+holdout rows: the AUC it reaches on the other half is what the model would score if it also knew that
+term (the model's own AUC is taken on that half too). A term the model has learned adds
 nothing; a large lift names what to work on.
 
 The taste term is split further: users' tastes into their region x age band mean ("group") and the rest
@@ -105,9 +106,12 @@ def main() -> None:
                 "  individual taste x structure": w * dot(individual, structure[item]),
                 "  individual taste x item's own": w * dot(individual, own),
             }
-        model_auc = roc_auc(labels, logit)
+        # Fitted on half the holdout rows, scored on the other half (the model's own AUC too): no in-sample figure.
+        fit_half = np.random.default_rng(0).random(len(rows)) < 0.5
+        model_auc = roc_auc(labels[~fit_half], logit[~fit_half])
         lifts = {
-            name: round(_two_feature_auc(logit, value, labels, roc_auc) - model_auc, 4) for name, value in terms.items()
+            name: round(_two_feature_auc(logit, value, labels, fit_half, roc_auc) - model_auc, 4)
+            for name, value in terms.items()
         }
         report[task] = {
             "n": len(rows),
@@ -164,13 +168,13 @@ def _carried(logit: np.ndarray, terms: dict[str, np.ndarray]) -> tuple[dict[str,
     return {name: round(float(c), 3) for name, c in zip(names, slopes, strict=True)}, round(float(noise.std()), 3)
 
 
-def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, roc_auc) -> float:
-    """AUC of a logistic regression on [model logit, term], fitted on the same rows (two weights: no overfit)."""
+def _two_feature_auc(logit: np.ndarray, term: np.ndarray, labels: np.ndarray, fit_half: np.ndarray, roc_auc) -> float:
+    """AUC of a logistic regression on [model logit, term]: fitted on ``fit_half``, scored on the other rows."""
     from mtl_core.judge.metrics import fit_logistic
 
     features = np.column_stack([logit, term])
-    weights = fit_logistic(features, labels)
-    return roc_auc(labels, features @ weights[:2])
+    weights = fit_logistic(features[fit_half], labels[fit_half])
+    return roc_auc(labels[~fit_half], features[~fit_half] @ weights[:2])
 
 
 if __name__ == "__main__":

@@ -64,12 +64,30 @@ class TensorData:
 
 
 class TaskSampler:
-    """Draws each batch from all tasks' rows: n_t ** (1 / T) shares (T = 1 is proportional)."""
+    """Draws each batch from all tasks' rows: n_t ** (1 / T) shares (T = 1 is proportional).
 
-    def __init__(self, task_rows: list[np.ndarray], batch_size: int, temperature: float, seed: int):
+    With ``row_weights`` (one array per task, e.g. recency weights), each pass over a task is a weighted
+    draw of its rows, as many as the weights sum to: a row of weight 1 is seen about once per pass, one
+    of weight 0.25 about every fourth pass. A task's volume is then the sum of its weights.
+    """
+
+    def __init__(
+        self,
+        task_rows: list[np.ndarray],
+        batch_size: int,
+        temperature: float,
+        seed: int,
+        row_weights: list[np.ndarray] | None = None,
+    ):
         self.task_rows = task_rows
         self.rng = np.random.default_rng(seed)
-        volume = np.array([len(rows) for rows in task_rows], dtype=np.float64)
+        self.draw_p = None
+        if row_weights is not None:
+            self.draw_p = [w / w.sum() if len(w) and w.sum() > 0 else None for w in row_weights]
+            volume = np.array([float(w.sum()) for w in row_weights], dtype=np.float64)
+        else:
+            volume = np.array([len(rows) for rows in task_rows], dtype=np.float64)
+        self.volume = volume
         share = np.where(volume > 0, volume ** (1.0 / temperature), 0.0)
         self.share = share / share.sum()
         raw = self.share * batch_size
@@ -79,8 +97,15 @@ class TaskSampler:
             counts[i] += 1
         counts[(counts == 0) & (volume > 0)] = 1
         self.counts = counts
-        self.order = [self.rng.permutation(rows) for rows in task_rows]
+        self.order = [self._pass(t) for t in range(len(task_rows))]
         self.position = [0] * len(task_rows)
+
+    def _pass(self, t: int) -> np.ndarray:
+        """The order of one pass over task t's rows: a permutation, or a weighted draw of them."""
+        rows = self.task_rows[t]
+        if self.draw_p is None or self.draw_p[t] is None:
+            return self.rng.permutation(rows)
+        return self.rng.choice(rows, size=max(1, round(self.volume[t])), p=self.draw_p[t])
 
     def draw(self) -> tuple[np.ndarray, np.ndarray]:
         rows, drawn_for = [], []
@@ -95,7 +120,7 @@ class TaskSampler:
                 count -= len(chunk)
                 self.position[t] = pos + len(chunk)
                 if self.position[t] >= len(order):  # one pass over this task's rows done: reshuffle
-                    self.order[t] = self.rng.permutation(self.task_rows[t])
+                    self.order[t] = self._pass(t)
                     self.position[t] = 0
             chunk = np.concatenate(taken)
             rows.append(chunk)

@@ -178,9 +178,10 @@ def train_on_snapshot(
     progress: bool = True,
 ) -> TrainResult:
     """Build the snapshot's examples and train on them (``mtl train``; the DAG builds its examples once)."""
-    tasks = _select_tasks(settings, single_task)
+    _select_tasks(settings, single_task)  # an unknown task fails before the snapshot is read
     verify_snapshot(snapshot_dir)
-    examples = build_examples(snapshot_dir, settings.features, tasks)
+    # Every configured task's examples, even for one task's baseline: they set its step budget.
+    examples = build_examples(snapshot_dir, settings.features, list(settings.tasks))
     return train_model(examples, out_dir, settings, single_task, warm_start, resume, progress, source=snapshot_dir)
 
 
@@ -193,16 +194,25 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     source: str | Path | None = None,
+    recency_half_life_days: float | None = None,
 ) -> TrainResult:
     """Train the joint model (or one task's baseline) on ``examples`` and write it to ``out_dir``.
 
-    ``source`` names where the examples came from, for the messages.
+    ``source`` names where the examples came from, for the messages. With ``recency_half_life_days`` a
+    training example is drawn with weight 2^(-age / half-life), its age counted from the newest training
+    example, and an epoch is as many rows as the weights sum to (``recency_weights``).
+
+    A single-task baseline gets the joint model's optimiser budget: an epoch is as many steps as the joint
+    model's, counted on every configured task's training rows, and so are its evaluations and patience.
+    A baseline cut to its own task's rows would train a small task (cvr) for a fraction of the steps.
     """
     began = time.perf_counter()
     cfg = settings.train
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     tasks = _select_tasks(settings, single_task)
+    # The joint model's rows per epoch (before a single task's examples are cut out): its step budget.
+    budget_rows = _training_volume(examples, recency_half_life_days)
     if examples.task_names != [t.name for t in tasks]:
         examples = _subset_tasks(examples, [t.name for t in tasks])
     counts = split_summary(examples)
@@ -256,8 +266,13 @@ def train_model(
 
     task_rows = [examples.task_rows(t, "train") for t in range(len(tasks))]
     temperature = cfg.temperature if cfg.sampling == "temperature" else 1.0
-    sampler = TaskSampler(task_rows, cfg.batch_size, temperature, cfg.seed)
-    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(sum(map(len, task_rows)) / cfg.batch_size))
+    weights = (
+        [recency_weights(examples, rows, recency_half_life_days) for rows in task_rows]
+        if recency_half_life_days
+        else None
+    )
+    sampler = TaskSampler(task_rows, cfg.batch_size, temperature, cfg.seed, weights)
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(budget_rows / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     weighting = make_weighting(
@@ -359,9 +374,9 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
     if model.transfer_blend is not None:
-        scoring = scoring_data()
-        fit_transfer_blend(model, scoring, examples)
-        best_metrics = evaluate_split(model, scoring, examples, "valid")  # what the saved model scores
+        # The blend is fitted on the validation split, so the validation metrics stay the checkpoint's from
+        # before it: scored after it they would be in-sample. The holdout tells what the saved model does.
+        fit_transfer_blend(model, scoring_data(), examples)
     save_model(out, model, space, settings, tasks, best_metrics)
     checkpoint_path.unlink(missing_ok=True)
     return TrainResult(
@@ -374,6 +389,23 @@ def train_model(
         examples=counts,
         resumed_from_step=resumed_from_step,
     )
+
+
+def recency_weights(examples: Examples, rows: np.ndarray, half_life_days: float) -> np.ndarray:
+    """2^(-age / half-life) per row, the age in days from the newest training example."""
+    train_times = examples.time[examples.split == "train"]
+    newest = train_times.max() if len(train_times) else examples.interval[1]
+    age_days = (newest - examples.time[rows]) / np.timedelta64(1, "D")
+    return np.exp2(-np.maximum(age_days, 0.0) / half_life_days)
+
+
+def _training_volume(examples: Examples, half_life_days: float | None) -> float:
+    """Rows per epoch over every task of ``examples``: their training rows, or their recency weights' sum."""
+    total = 0.0
+    for t in range(len(examples.task_names)):
+        rows = examples.task_rows(t, "train")
+        total += recency_weights(examples, rows, half_life_days).sum() if half_life_days else len(rows)
+    return total
 
 
 def _subset_tasks(examples: Examples, names: list[str]) -> Examples:

@@ -154,16 +154,29 @@ def test_transfer_blend_is_fit_on_validation_and_never_raises_its_log_loss(shop,
         rows = examples.task_rows(target, "valid")
         labels = examples.labels[rows, target]
         blended = loaded.predict(examples, rows)[:, target]
-        assert result.metrics[examples.task_names[target]]["logloss"] == pytest.approx(log_loss(labels, blended))
         loaded.model.transfer_blend.copy_(IDENTITY_BLEND.expand_as(blend))  # the heads as trained
         own = loaded.predict(examples, rows)[:, target]
         loaded.model.transfer_blend.copy_(blend)
         assert log_loss(labels, blended) <= log_loss(labels, own) + 1e-6
+        # The validation metrics reported are the heads' before the blend: after it they would be in-sample.
+        assert result.metrics[examples.task_names[target]]["logloss"] == pytest.approx(log_loss(labels, own))
 
 
-def test_single_task_baseline(shop, settings, tmp_path):
+def by_volume(settings):
+    """The settings with an epoch as long as the data (not a fixed number of steps), in big batches."""
+    return settings.model_copy(
+        update={"train": settings.train.model_copy(update={"steps_per_epoch": None, "batch_size": 2048})}
+    )
+
+
+def test_single_task_baseline_gets_the_joint_models_optimiser_budget(shop, settings, tmp_path):
+    settings = by_volume(settings)
+    joint = train_on_snapshot(shop / "snap", tmp_path / "joint", settings, progress=False)
     result = train_on_snapshot(shop / "snap", tmp_path / "cvr_only", settings, single_task="cvr", progress=False)
     assert list(result.metrics) == ["cvr"]
+    # The same steps per epoch (so the same evaluation steps and patience), though cvr has a few % of the rows.
+    assert [h["step"] for h in result.history] == [h["step"] for h in joint.history]
+    assert result.steps == joint.steps > 20
     assert load_model(tmp_path / "cvr_only").model.esmm_pair is None
     with pytest.raises(TrainingError, match="--single-task 'nope' is not a configured task"):
         train_on_snapshot(shop / "snap", tmp_path / "x", settings, single_task="nope", progress=False)
@@ -292,3 +305,32 @@ def test_no_settings_file_of_a_model_holds_a_password(shop, settings, tmp_path):
             content = path.read_bytes()
             assert b"s3cret-pw" not in content and b"other-pw" not in content, path
     assert load_model(tmp_path / "model").settings.warehouse_url == "postgresql+psycopg://etl:***@db:5432/shop"
+
+
+def test_recency_weights_halve_per_half_life_and_the_sampler_draws_by_them():
+    from mtl_core.learn.batches import TaskSampler
+    from mtl_core.learn.training import recency_weights
+
+    days = np.datetime64("2026-01-05") + np.array([0, 7, 14, 14], dtype="timedelta64[D]")
+    examples = type("E", (), {})()
+    examples.time, examples.split = days.astype("datetime64[us]"), np.array(["train"] * 3 + ["valid"])
+    examples.interval = (days[0], days[-1])
+    assert recency_weights(examples, np.arange(3), 7.0) == pytest.approx([0.25, 0.5, 1.0])
+
+    rows = np.arange(1000)
+    weights = np.exp2(-(999 - rows) / 100)  # row 999 newest; each 100 rows older weigh half
+    sampler = TaskSampler([rows], batch_size=100, temperature=1.0, seed=0, row_weights=[weights])
+    drawn = np.concatenate([sampler.draw()[0] for _ in range(50)])
+    assert round(weights.sum()) == len(sampler.order[0])  # a pass is as long as the weights sum to
+    assert np.mean(drawn >= 900) == pytest.approx(0.5, abs=0.05)  # the newest 100 rows hold half the weight
+
+
+def test_recency_weighted_training_spends_an_epoch_on_the_weights_sum(shop, settings, tmp_path):
+    from mtl_core.learn.training import train_model
+
+    settings = by_volume(settings)
+    examples = build_examples(shop / "snap", settings.features, settings.tasks)
+    uniform = train_model(examples, tmp_path / "uniform", settings, progress=False)
+    recent = train_model(examples, tmp_path / "recent", settings, progress=False, recency_half_life_days=3.0)
+    assert recent.steps < uniform.steps
+    assert all(0 <= m["auc"] <= 1 for m in recent.metrics.values())
