@@ -61,7 +61,7 @@ UNFINISHED = {"running", "queued", "scheduled", "up_for_retry", "up_for_reschedu
 CONFIG = """
 features: {{history_days: 7, valid_days: 4, holdout_days: 7}}
 train: {{epochs: 1, steps_per_epoch: {steps}}}
-pipeline: {{retries: 0, bootstrap_samples: 50}}
+pipeline: {{retries: 0}}
 tasks:
   - {{name: ctr, sample_space: feed, label: clicked, floor: 0.5}}
   - {{name: cvr, sample_space: feed, label: purchased, given: clicked, weight: 0.5, floor: 0.5}}

@@ -1,4 +1,4 @@
-"""Weekly retraining of the multi-task recommender, promoted only when every task beats the champion.
+"""Weekly retraining of the multi-task recommender, promoted only when the holdout shows it better, no task worse.
 
 Wiring only: every task body calls one function of ``mtl_core.pipeline`` (the `mtl` command runs the
 same functions), XCom carries the uri of one artifact (``mtl_core.artifacts``) per task, and heavy imports

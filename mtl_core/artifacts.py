@@ -145,6 +145,8 @@ class TrainedModel(_JsonRecord):
     best_step: int = 0
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # pipeline.single_task_baselines: each task's single-task model, trained beside the joint one.
+    single_task_models: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -175,12 +175,27 @@ class TrainSettings(_Strict):
 
 
 class GateSettings(_Strict):
-    """Knobs of the promotion rule; the defaults are the product's promise (every task strictly better)."""
+    """Knobs of the promotion rule. The defaults are the rule whose error rates bench/gate_power.py measured."""
 
-    # The challenger's AUC must exceed the champion's by strictly more than this, on every task.
+    # evidence: promote only if no task is worse than the champion by ``margin`` or more (each task's one-sided
+    # lower bound of the AUC difference above -margin) AND the tasks' mean AUC is higher (its lower bound above
+    # 0); a challenger no task shows worse but without that evidence is held, not promoted. point: the old
+    # rule, every task's AUC above the champion's plus ``min_delta`` (optionally its interval above 0),
+    # which promotes about half of the models that are no better.
+    rule: Literal["evidence", "point"] = "evidence"
+    # The indifference zone: a task worse by this much AUC must (almost) never be promoted.
+    margin: float = Field(0.01, gt=0, lt=0.5)
+    # The tasks' mean AUC gain must be shown above this (its lower bound), not just above 0: two trainings of
+    # the same configuration differ by a few thousandths, which a large holdout shows, but which is no
+    # reason to swap models.
+    min_gain: float = Field(0.004, ge=0, lt=0.5)
+    # One-sided confidence of the lower bounds of the evidence rule.
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    # The power a "hold" verdict's "how much more data" figure is computed for.
+    power: float = Field(0.8, gt=0.5, lt=1)
+    # Point rule: the challenger's AUC must exceed the champion's by strictly more than this, on every task.
     min_delta: float = Field(0.0, ge=0)
-    # Also require the paired-bootstrap lower bound of the AUC difference to be above 0: a gain that could
-    # be resampling noise does not promote.
+    # Point rule: also require the lower bound of the AUC difference's 95% interval to be above 0.
     require_significance: bool = False
     # Guardrails: the secondary metrics may not get worse by more than this (None: not checked).
     max_logloss_increase: float | None = Field(None, ge=0)
@@ -199,9 +214,19 @@ class PipelineSettings(_Strict):
     lookback_days: int = Field(28, ge=7)
     model_name: str = "mtl_recommender"
     experiment: str = "mtl_retrain"
-    # Start each challenger from the champion's weights (vocabularies grown for new ids).
-    warm_start: bool = True
-    bootstrap_samples: int = Field(200, ge=0)
+    # How each run's challenger learns (bench/pipeline_quality.py measured them through drift):
+    # - warm_start: from the champion's weights (vocabularies grown for new ids), on the lookback window;
+    # - scratch: from random weights, on the lookback window;
+    # - recency: from random weights, on a longer window of recency_lookback_days, each training example
+    #   drawn with weight 2^(-age / recency_half_life_days): old data still teaches what has not changed,
+    #   new data dominates what has, and an epoch costs about what the lookback window's does.
+    policy: Literal["warm_start", "scratch", "recency"] = "warm_start"
+    recency_lookback_days: int = Field(63, ge=7)
+    recency_half_life_days: float = Field(14.0, gt=0)
+    # Also train each task's single-task model (the joint model's optimiser budget, the same features) and
+    # log each task's joint-minus-single AUC lift with its interval: the multi-task model's reason to exist,
+    # measured on every run. It costs one more training per task, so it is off in the demo.
+    single_task_baselines: bool = False
     # On-call notifications: a URL to POST the failure message to (empty: the task log only).
     webhook_url: str = ""
     retries: int = Field(2, ge=0)

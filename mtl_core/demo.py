@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
-from mtl_core.artifacts import Comparison
+from mtl_core.artifacts import Comparison, ExampleSet, GateDecision, TrainedModel
 from mtl_core.config import Settings
 from mtl_core.data.corruption import corrupt_interval
 from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.data.warehouse import make_engine
+from mtl_core.errors import MtlError
 from mtl_core.local_airflow import run_dag_in_process
 
 STEPS = ("extract", "validate", "build_features", "train_challenger", "evaluate", "register", "gate")
@@ -53,6 +57,15 @@ def run_demo(base: Settings, users: int, items: int, say: Callable[[str], None])
         f"from {start + timedelta(days=drift_day)}"
     )
     client = configure(settings.resolved_mlflow_tracking_uri)
+    # The offline references (from scratch on all history up to each run's cut-off) need only the warehouse,
+    # so a second process trains them on the second core while the DAG runs.
+    trained_runs = [end.isoformat() for number, end in enumerate(weeks, 1) if number != CORRUPTED_RUN]
+    references = subprocess.Popen(
+        [sys.executable, "-m", "mtl_core.judge.reference", *trained_runs],
+        stdout=subprocess.DEVNULL,
+        stderr=open(settings.data_dir / "references.log", "w"),  # noqa: SIM115 (closed with the process)
+    )
+    shipped: list[tuple[str, Comparison, str | None]] = []
     for number, end in enumerate(weeks, 1):
         if number == CORRUPTED_RUN:
             damage = corrupt_interval(engine, end - timedelta(days=7), end)
@@ -68,11 +81,20 @@ def run_demo(base: Settings, users: int, items: int, say: Callable[[str], None])
             for line in _validation_failures(settings, end):
                 say(line)
             continue
-        for line in _comparison_lines(_latest_comparison(settings)):
+        comparison = _latest_comparison(settings)
+        for line in _comparison_lines(comparison):
             say(line)
         decision = status(client, settings.pipeline.model_name)["last_decision"]
         say(f"  verdict: {decision['verdict']} v{decision['version']}: {decision['reason']}")
+        shipped.append((end.isoformat(), comparison, _shipped_model(comparison)))
     say("\n" + format_status(status(client, settings.pipeline.model_name)))
+    say("\nwaiting for the offline references ...")
+    if references.wait() != 0:
+        raise MtlError(f"training the offline references failed; the log is {settings.data_dir / 'references.log'}")
+    say("the shipped champion of each run against the offline reference (the same configuration trained from")
+    say("scratch on all history up to the run's cut-off) and the oracle, on the run's holdout:")
+    for line in _reference_lines(settings, shipped):
+        say(line)
     say(f"\nreview in the MLflow UI: mlflow ui --backend-store-uri {settings.resolved_mlflow_tracking_uri}")
     say(f"demo took {time.perf_counter() - began:.0f} s")
 
@@ -102,4 +124,34 @@ def _comparison_lines(comparison: Comparison) -> list[str]:
             + (f"  champion {champion['auc']:.4f}" if champion else "  (no champion yet)")
             + (f"  oracle {oracle:.4f}" if oracle else "")
         )
+    return lines
+
+
+def _shipped_model(comparison: Comparison) -> str | None:
+    """The model serving after the run's decision: the challenger if promoted, else the champion kept."""
+    decision = GateDecision.load(Path(comparison.uri).parent / "decision.json")
+    if decision.verdict == "promote":
+        return TrainedModel.load(comparison.challenger).model_dir
+    return TrainedModel.load(comparison.champion).model_dir if comparison.champion else None
+
+
+def _reference_lines(settings: Settings, shipped: list[tuple[str, Comparison, str | None]]) -> list[str]:
+    from mtl_core.judge.reference import compare_with_reference, reference_dir
+
+    lines = []
+    for end, comparison, model_dir in shipped:
+        if model_dir is None:
+            lines.append(f"  {end}: no champion shipped")
+            continue
+        examples = ExampleSet.load(comparison.examples).examples()
+        gap = compare_with_reference(reference_dir(settings, end) / "model", Path(model_dir), examples)
+        lines.append(f"  interval ending {end}:")
+        for task, entry in gap.tasks.items():
+            diff = entry["champion_minus_reference"]
+            oracle = comparison.tasks[task]["challenger"].get("oracle_auc")
+            lines.append(
+                f"    {task:<7} champion {entry['champion_auc']:.4f}  reference {entry['auc']:.4f} "
+                f"(champion - reference {diff['delta']:+.4f}, 95% [{diff['low']:+.4f}, {diff['high']:+.4f}])"
+                + (f"  oracle {oracle:.4f} (gap {oracle - entry['champion_auc']:.4f})" if oracle else "")
+            )
     return lines

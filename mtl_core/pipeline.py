@@ -66,10 +66,16 @@ def run_dir(settings: Settings, run_key: str) -> Path:
     return path
 
 
+def lookback_days(settings: Settings) -> int:
+    """Days of examples a run extracts before its interval's end: the policy's window."""
+    pipeline = settings.pipeline
+    return pipeline.recency_lookback_days if pipeline.policy == "recency" else pipeline.lookback_days
+
+
 def training_window(settings: Settings, interval_end: Any) -> tuple[datetime, datetime]:
     """[end - lookback - history warm-up, end): the lookback's newest days are the holdout."""
     end = _as_datetime(interval_end)
-    days = settings.pipeline.lookback_days + settings.features.history_days
+    days = lookback_days(settings) + settings.features.history_days
     return end - timedelta(days=days), end
 
 
@@ -171,7 +177,7 @@ def fetch_champion(settings: Settings, run_key: str) -> TrainedModel | None:
 
 
 def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) -> TrainedModel:
-    """Fetch the champion, then train the challenger (from the champion's weights when warm starting).
+    """Fetch the champion, then train the challenger as ``pipeline.policy`` says (warm start, scratch, recency).
 
     Retried, it resumes from its checkpoint.
     """
@@ -181,11 +187,37 @@ def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) 
     if removed:
         log.info("removed %d abandoned training checkpoint(s): %s", len(removed), ", ".join(map(str, removed)))
     champion = fetch_champion(settings, run_key)
-    warm = champion.model_dir if settings.pipeline.warm_start and champion else None
+    policy = settings.pipeline.policy
+    warm = champion.model_dir if policy == "warm_start" and champion else None
     out = run_dir(settings, run_key) / "challenger"
+    half_life = settings.pipeline.recency_half_life_days if policy == "recency" else None
+    examples = example_set.examples()
     result = train_model(
-        example_set.examples(), out, settings, warm_start=warm, resume=True, progress=False, source=example_set.snapshot
+        examples,
+        out,
+        settings,
+        warm_start=warm,
+        resume=True,
+        progress=False,
+        source=example_set.snapshot,
+        recency_half_life_days=half_life,
     )
+    singles = {}
+    if settings.pipeline.single_task_baselines:
+        for task in settings.tasks:
+            single = run_dir(settings, run_key) / "single_task" / task.name
+            if not (single / "settings.json").exists():  # a retried step keeps the baselines it finished
+                train_model(
+                    examples,
+                    single,
+                    settings,
+                    single_task=task.name,
+                    resume=True,
+                    progress=False,
+                    source=example_set.snapshot,
+                    recency_half_life_days=half_life,
+                )
+            singles[task.name] = str(single)
     return TrainedModel(
         uri=str(run_dir(settings, run_key) / "challenger.json"),
         model_dir=str(out),
@@ -198,6 +230,7 @@ def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) 
         best_step=result.best_step,
         seconds=round(result.seconds, 1),
         history=result.history,
+        single_task_models=singles,
     ).save()
 
 
@@ -221,7 +254,7 @@ def remove_abandoned_checkpoints(settings: Settings, keep: Path | None = None) -
 
 
 def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
-    """Challenger and champion on the same holdout rows, with a paired-bootstrap interval per task."""
+    """Challenger and champion on the same holdout rows, with the AUC difference's standard error per task."""
     from mtl_core.data.pseudonyms import pseudonymiser_for
     from mtl_core.judge.evaluate import score_against_champion
     from mtl_core.judge.oracle import Truth
@@ -233,10 +266,11 @@ def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
         load_model(challenger.model_dir),
         load_model(champion.model_dir) if champion else None,
         example_set.examples(),
-        n_boot=settings.pipeline.bootstrap_samples,
         # oracle AUCs when the warehouse is the simulated shop
         truth=Truth(_warehouse(settings), pseudonymiser_for(settings)),
     )
+    if challenger.single_task_models:
+        add_single_task_lifts(scored, challenger.single_task_models, example_set.examples())
     folder = Path(challenger.uri).parent
     Comparison.save_predictions(folder / "predictions.parquet", scored.labels, scored.probabilities)
     return Comparison(
@@ -248,6 +282,23 @@ def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
         tasks=scored.comparison["tasks"],
         predictions=str(folder / "predictions.parquet"),
     ).save()
+
+
+def add_single_task_lifts(scored, single_task_models: dict[str, str], examples) -> None:
+    """Each task's single-task model on the same holdout rows, and the joint-minus-single AUC lift."""
+    from mtl_core.judge.delong import paired_auc_difference
+    from mtl_core.learn.checkpoint import load_model
+
+    for task, model_dir in single_task_models.items():
+        entry = scored.comparison["tasks"].get(task)
+        if entry is None:
+            continue
+        t = examples.task_names.index(task)
+        rows = examples.task_rows(t, "holdout")
+        single = load_model(model_dir)
+        theirs = single.predict(examples, rows)[:, single.task_names.index(task)]
+        lift = paired_auc_difference(scored.labels[task], scored.probabilities[task], theirs)
+        entry["single_task"] = {"auc": lift["auc_b"], "n": len(rows), "lift": lift}
 
 
 def register(settings: Settings, run_key: str, comparison: Comparison) -> RegisteredModel:
@@ -271,6 +322,11 @@ def register(settings: Settings, run_key: str, comparison: Comparison) -> Regist
     run_id = run_for_key(client, settings.pipeline.experiment, run_key, run_name=f"retrain {snapshot.interval['end']}")
     ours = {task: entry["challenger"] for task, entry in comparison.tasks.items()}
     theirs = {task: entry["champion"] for task, entry in comparison.tasks.items() if entry.get("champion")}
+    singles = {
+        task: {"auc": entry["single_task"]["auc"], **{f"lift_{k}": v for k, v in entry["single_task"]["lift"].items()}}
+        for task, entry in comparison.tasks.items()
+        if entry.get("single_task")
+    }
     labels, probs = comparison.holdout_predictions()
     log_training(
         client,
@@ -278,6 +334,7 @@ def register(settings: Settings, run_key: str, comparison: Comparison) -> Regist
         settings,
         metrics=ours,
         champion_metrics=theirs or None,
+        single_task_metrics=singles or None,
         history=challenger.history,
         snapshot_manifest=snapshot.manifest,
         validation_summary=snapshot.validation_summary(),
@@ -378,12 +435,13 @@ def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
 
 
 def record_rejection(settings: Settings, decision: GateDecision) -> dict[str, Any]:
-    """The gate already wrote the decision on the version; this closes the run and says so in the log."""
+    """The gate already wrote the decision (reject or hold) on the version; this closes the run and logs it."""
     from mtl_core.registry.runs import finish_run
 
     finish_run(_client(settings), decision.run_id)
-    log.warning("challenger version %s rejected, champion unchanged: %s", decision.version, decision.reason)
-    return {"version": decision.version, "verdict": "reject", "reason": decision.reason}
+    done = "held" if decision.verdict == "hold" else "rejected"
+    log.warning("challenger version %s %s, champion unchanged: %s", decision.version, done, decision.reason)
+    return {"version": decision.version, "verdict": decision.verdict, "reason": decision.reason}
 
 
 def oncall_message(dag_id: str, run_id: str, task_id: str, reason: str, settings: Settings, snapshot: str = "?") -> str:

@@ -1,9 +1,10 @@
 """Per-task evaluation: AUC, log loss, calibration, slices and oracle AUC, and champion-challenger comparisons.
 
 Models are scored on one split of the examples (by default the holdout: the newest days, which training
-never saw). Two models scored on the same rows are compared with a paired bootstrap of the AUC difference,
-which is what the promotion gate reads. The examples are built once per run and passed in; the functions
-that take a snapshot directory build them for a one-off call (``mtl evaluate``, tests).
+never saw). Two models scored on the same rows are compared by the AUC difference with DeLong's
+variance (``judge.delong``), which is what the promotion gate reads. The examples are built once per
+run and passed in; the functions that take a snapshot directory build them for a one-off call
+(``mtl evaluate``, tests).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from mtl_core.config import TaskSpec
 from mtl_core.errors import MtlError
-from mtl_core.judge.bootstrap import paired_bootstrap_auc
+from mtl_core.judge.delong import paired_auc_difference
 from mtl_core.judge.metrics import roc_auc, task_metrics
 from mtl_core.judge.oracle import Truth, oracle_probabilities
 from mtl_core.learn.checkpoint import LoadedModel, load_model
@@ -114,10 +115,9 @@ def score_against_champion(
     champion: LoadedModel | None,
     examples: Examples,
     split: str = "holdout",
-    n_boot: int = 200,
     truth: Truth | None = None,
 ) -> Scored:
-    """Both models on the same rows: per-task metrics of each and the paired bootstrap of the AUC difference.
+    """Both models on the same rows: per-task metrics of each and the AUC difference with its standard error.
 
     Without a champion each task's entry has ``champion: None`` (the gate then applies the floors).
     """
@@ -135,7 +135,7 @@ def score_against_champion(
         comparison[name] = {
             "challenger": metrics,
             "champion": theirs[name],
-            "auc_delta": paired_bootstrap_auc(labels[name], our_probs[name], their_probs[name], n_boot=n_boot),
+            "auc_delta": paired_auc_difference(labels[name], our_probs[name], their_probs[name]),
         }
     return Scored(comparison={"tasks": comparison, "split": split}, labels=labels, probabilities=our_probs)
 
@@ -145,14 +145,13 @@ def compare_models(
     champion_dir: str | Path,
     snapshot_dir: str | Path | None = None,
     split: str = "holdout",
-    n_boot: int = 200,
     truth: Truth | None = None,
     examples: Examples | None = None,
 ) -> dict[str, Any]:
     """``score_against_champion`` for two model directories: the comparison the gate reads."""
     challenger, champion = load_model(challenger_dir), load_model(champion_dir)
     examples = _examples_for(challenger, snapshot_dir, examples)
-    return score_against_champion(challenger, champion, examples, split, n_boot, truth).comparison
+    return score_against_champion(challenger, champion, examples, split, truth).comparison
 
 
 def holdout_predictions(
@@ -163,5 +162,5 @@ def holdout_predictions(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(labels, probabilities) per task of a model on a split: the input of the ROC and calibration plots."""
     model = load_model(model_dir)
-    scored = score_against_champion(model, None, _examples_for(model, snapshot_dir, examples), split, n_boot=0)
+    scored = score_against_champion(model, None, _examples_for(model, snapshot_dir, examples), split)
     return scored.labels, scored.probabilities

@@ -22,7 +22,9 @@ from mtl_core.registry.store import mlflow_errors
 COMPARISON_ARTIFACT = "gate/comparison.json"
 
 
-def describe(decision: Decision, version: int | str, champion_version: int | str | None) -> str:
+def describe(
+    decision: Decision, version: int | str, champion_version: int | str | None, comparison: dict[str, Any] | None = None
+) -> str:
     """A readable summary for the version's description in the MLflow UI (Markdown)."""
     against = f"champion v{champion_version}" if champion_version is not None else "the absolute floors (no champion)"
     lines = [
@@ -35,8 +37,8 @@ def describe(decision: Decision, version: int | str, champion_version: int | str
             if decision.rule.get("overrides")
             else []
         ),
-        "| task | challenger AUC | champion AUC | delta | 95% interval | floor | passed |",
-        "|---|---|---|---|---|---|---|",
+        "| task | challenger AUC | champion AUC | delta | 95% interval | one-sided lower bound | floor | passed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in decision.per_task.items():
         interval = (
@@ -44,9 +46,42 @@ def describe(decision: Decision, version: int | str, champion_version: int | str
         )
         lines.append(
             f"| {name} | {fmt_metric(row['challenger_auc'])} | {fmt_metric(row['champion_auc'])} "
-            f"| {fmt_metric(row['delta'], True)} | {interval} | {fmt_metric(row['floor'])} "
-            f"| {'yes' if row['passed'] else 'NO'} |"
+            f"| {fmt_metric(row['delta'], True)} | {interval} | {fmt_metric(row.get('lower_bound'), True)} "
+            f"| {fmt_metric(row['floor'])} | {'yes' if row['passed'] else 'NO'} |"
         )
+    rates = decision.rule.get("measured_error_rates")
+    if rates:
+        lines += [
+            "",
+            f"Error rates of this rule ({rates.get('measured_by', 'bench/gate_power.py')}): "
+            + ", ".join(
+                f"{label} {rates[key]['rate']:.0%} (95% interval {rates[key]['low']:.0%}-{rates[key]['high']:.0%})"
+                for key, label in (
+                    ("aa_promotion", "promotes a model no better (A/A)"),
+                    ("one_task_worse_promotion", "promotes one 0.01 worse on a task"),
+                    ("all_better_promotion", "promotes one 0.01 better on every task"),
+                )
+                if key in rates
+            ),
+        ]
+    tasks = (comparison or {}).get("tasks") or {}
+    lifts = {name: entry["single_task"] for name, entry in tasks.items() if entry.get("single_task")}
+    if lifts:
+        lines += [
+            "",
+            "Multi-task lift: the joint model against each task's single-task model (the same optimiser budget "
+            "and features), on the same holdout rows:",
+            "",
+            "| task | joint AUC | single-task AUC | lift | 95% interval |",
+            "|---|---|---|---|---|",
+        ]
+        for name, single in lifts.items():
+            lift = single["lift"]
+            lines.append(
+                f"| {name} | {fmt_metric(lift.get('auc_a'))} | {fmt_metric(single.get('auc'))} "
+                f"| {fmt_metric(lift.get('delta'), True)} "
+                f"| [{fmt_metric(lift.get('low'), True)}, {fmt_metric(lift.get('high'), True)}] |"
+            )
     return "\n".join(lines)
 
 
@@ -102,7 +137,9 @@ def record_decision(
                 tags[f"gate.{name}.{key}"] = "none" if value is None else f"{value:.6f}"
         for key, value in tags.items():
             client.set_model_version_tag(model_name, str(version), key, value)
-        client.update_model_version(model_name, str(version), description=describe(decision, version, champion_version))
+        client.update_model_version(
+            model_name, str(version), description=describe(decision, version, champion_version, comparison)
+        )
         if mv.run_id:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / Path(COMPARISON_ARTIFACT).name

@@ -137,7 +137,8 @@ def _finite(value: Any) -> float | None:
 def _metric_entities(prefix: str, metrics: dict[str, dict[str, Any]], now: int, step: int = 0) -> list[Metric]:
     out = []
     for task, values in metrics.items():
-        for name in (*METRIC_NAMES, "positive_rate", "n", "oracle_auc"):
+        # lift_*: joint minus single-task AUC (pipeline.single_task_baselines), logged under single/<task>/
+        for name in (*METRIC_NAMES, "positive_rate", "n", "oracle_auc", "lift_delta", "lift_low", "lift_high"):
             if (value := _finite(values.get(name))) is not None:
                 out.append(Metric(f"{prefix}{task}/{name}", value, now, step))
         for slice_name, slice_values in (values.get("slices") or {}).items():

@@ -37,7 +37,7 @@ CONFIG = """
 features: {history_days: 7, valid_days: 4, holdout_days: 7}
 train: {epochs: 1, steps_per_epoch: 30}
 text: {enabled: false}
-pipeline: {retries: 0, bootstrap_samples: 20}
+pipeline: {retries: 0}
 tasks:
   - {name: ctr, sample_space: feed, label: clicked, floor: 0.0}
   - {name: cvr, sample_space: feed, label: purchased, given: clicked, weight: 0.5, floor: 0.0}

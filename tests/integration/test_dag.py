@@ -33,7 +33,7 @@ TASKS = ("ctr", "cvr", "ad_ctr", "churn")
 CONFIG = """
 features: {history_days: 7, valid_days: 4, holdout_days: 7}
 train: {epochs: 2}
-pipeline: {retries: 0, bootstrap_samples: 50}
+pipeline: {retries: 0}
 tasks:
   - {name: ctr, sample_space: feed, label: clicked, floor: 0.5}
   - {name: cvr, sample_space: feed, label: purchased, given: clicked, weight: 0.5, floor: 0.5}
@@ -110,13 +110,17 @@ def first_run(installation):
 @pytest.fixture(scope="module")
 def drift_run(installation, first_run):
     settings, _ = installation
-    states = _run(settings, WEEK[7])
+    # With the single-task baselines: their lifts must reach the comparison, the MLflow run and the version.
+    states = _run(settings, WEEK[7], {"settings": {"pipeline": {"single_task_baselines": True}}})
     version = _registry(settings)["challenger"]
+    mv = _client(settings).get_model_version(settings.pipeline.model_name, str(version))
     return {
         "states": states,
         "after": _registry(settings),
         "decision": _decision(settings, version),
         "comparison": _latest_comparison(settings),
+        "run_metrics": _client(settings).get_run(mv.run_id).data.metrics,
+        "description": mv.description,
     }
 
 
@@ -182,6 +186,20 @@ def test_run_after_drift_promotes_when_every_task_improves(drift_run):
     assert improved, {t: (e["challenger"]["auc"], e["champion"]["auc"]) for t, e in tasks.items()}
     assert drift_run["decision"]["gate.verdict"] == "promote" and states["promote"] == "success"
     assert drift_run["after"]["champion"] == 2 and drift_run["after"]["previous"] == 1
+
+
+def test_single_task_baselines_log_each_tasks_lift_with_its_interval(drift_run):
+    for task, entry in drift_run["comparison"].tasks.items():
+        lift = entry["single_task"]["lift"]
+        assert lift["low"] < lift["delta"] < lift["high"], task
+        assert lift["delta"] == pytest.approx(entry["challenger"]["auc"] - entry["single_task"]["auc"], abs=1e-9)
+        for name in ("auc", "lift_delta", "lift_low", "lift_high"):
+            assert f"single/{task}/{name}" in drift_run["run_metrics"], (task, name)
+        assert (
+            f"| {task} | {entry['challenger']['auc']:.4f} | {entry['single_task']['auc']:.4f} |"
+            in (drift_run["description"])
+        )
+    assert "Multi-task lift" in drift_run["description"]
 
 
 def test_challenger_worse_on_one_task_is_rejected_and_champion_unchanged(rejected_run):

@@ -255,9 +255,7 @@ def test_mlflow_dying_during_register_fails_cleanly_and_the_retry_registers_exac
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    (tmp_path / "mtl.yaml").write_text(
-        TRAIN_CONFIG + "pipeline: {bootstrap_samples: 20, lookback_days: 21, retries: 0}\n"
-    )
+    (tmp_path / "mtl.yaml").write_text(TRAIN_CONFIG + "pipeline: {lookback_days: 21, retries: 0}\n")
     settings = load_settings(
         environ={
             "MTL_DATA_DIR": str(tmp_path),

@@ -1,4 +1,4 @@
-"""The promotion gate: the every-task rule, its options, the no-champion floors, and the record in MLflow."""
+"""The promotion gate: the evidence rule (default), the old point rule, the no-champion floors, and the record."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from mtl_core.judge.gate import GateError, GateSettings, decide
 from mtl_core.registry.decisions import record_decision
 
 TASKS = list(DEFAULT_TASKS)  # ctr, cvr, ad_ctr, churn; floor 0.6 each
+POINT = GateSettings(rule="point")
 
 
-def comparison(aucs: dict[str, tuple[float, float | None]], low: float = 0.001, **extra) -> dict:
+def comparison(aucs: dict[str, tuple[float, float | None]], low: float = 0.001, se: float | None = None, **extra):
     """compare_models-shaped input: {task: (challenger auc, champion auc or None)}."""
     tasks = {}
     for name, (ours, theirs) in aucs.items():
@@ -38,7 +39,7 @@ def comparison(aucs: dict[str, tuple[float, float | None]], low: float = 0.001, 
         tasks[name] = {
             "challenger": challenger,
             "champion": champion,
-            "auc_delta": {"delta": delta, "low": low, "high": delta + 0.01},
+            "auc_delta": {"delta": delta, "low": low, "high": delta + 0.01, **({"se": se} if se is not None else {})},
         }
     return {"tasks": tasks, "split": "holdout"}
 
@@ -46,8 +47,8 @@ def comparison(aucs: dict[str, tuple[float, float | None]], low: float = 0.001, 
 ALL_BETTER = {"ctr": (0.71, 0.70), "cvr": (0.66, 0.65), "ad_ctr": (0.62, 0.61), "churn": (0.80, 0.79)}
 
 
-def test_all_tasks_better_promotes():
-    decision = decide(comparison(ALL_BETTER), TASKS)
+def test_point_rule_all_tasks_better_promotes():
+    decision = decide(comparison(ALL_BETTER), TASKS, POINT)
     assert decision.verdict == "promote" and decision.promote
     assert decision.reason.startswith("promoted: every task beats the champion")
     assert all(row["passed"] for row in decision.per_task.values())
@@ -55,9 +56,9 @@ def test_all_tasks_better_promotes():
     assert decision.rule["name"] == "every_task_beats_champion" and decision.rule["min_delta"] == 0.0
 
 
-def test_one_task_worse_rejects_naming_it_and_by_how_much():
+def test_point_rule_one_task_worse_rejects_naming_it_and_by_how_much():
     aucs = {**ALL_BETTER, "churn": (0.785, 0.79)}
-    decision = decide(comparison(aucs), TASKS)
+    decision = decide(comparison(aucs), TASKS, POINT)
     assert decision.verdict == "reject"
     assert "1 of 4 task(s) failed" in decision.reason
     assert "churn: AUC 0.7850 vs champion 0.7900 (delta -0.0050" in decision.reason
@@ -65,38 +66,38 @@ def test_one_task_worse_rejects_naming_it_and_by_how_much():
     assert not decision.per_task["churn"]["passed"] and decision.per_task["ctr"]["passed"]
 
 
-def test_equal_auc_is_not_better():
-    decision = decide(comparison({**ALL_BETTER, "cvr": (0.65, 0.65)}), TASKS)
+def test_point_rule_equal_auc_is_not_better():
+    decision = decide(comparison({**ALL_BETTER, "cvr": (0.65, 0.65)}), TASKS, POINT)
     assert decision.verdict == "reject" and "cvr" in decision.reason and "must be above 0" in decision.reason
 
 
-def test_min_delta_must_be_exceeded():
-    settings = GateSettings(min_delta=0.015)
+def test_point_rule_min_delta_must_be_exceeded():
+    settings = GateSettings(rule="point", min_delta=0.015)
     aucs = {**ALL_BETTER, "ctr": (0.72, 0.70)}  # only ctr gains more than 0.015
     decision = decide(comparison(aucs), TASKS, settings)
     assert decision.verdict == "reject"
     assert [n for n, r in decision.per_task.items() if not r["passed"]] == ["cvr", "ad_ctr", "churn"]
     assert "must exceed +0.0150" in decision.reason
-    assert decide(comparison(aucs), TASKS, GateSettings(min_delta=0.005)).verdict == "promote"
+    assert decide(comparison(aucs), TASKS, GateSettings(rule="point", min_delta=0.005)).verdict == "promote"
 
 
-def test_significance_uses_the_bootstrap_lower_bound():
-    settings = GateSettings(require_significance=True)
+def test_point_rule_significance_uses_the_intervals_lower_bound():
+    settings = GateSettings(rule="point", require_significance=True)
     assert decide(comparison(ALL_BETTER, low=0.002), TASKS, settings).verdict == "promote"
     decision = decide(comparison(ALL_BETTER, low=-0.003), TASKS, settings)
     assert decision.verdict == "reject" and "not significant" in decision.reason
     assert decision.per_task["ctr"]["low"] == pytest.approx(-0.003)
     # Off by default: the same noisy gain promotes.
-    assert decide(comparison(ALL_BETTER, low=-0.003), TASKS).verdict == "promote"
+    assert decide(comparison(ALL_BETTER, low=-0.003), TASKS, POINT).verdict == "promote"
 
 
 def test_guardrails_on_logloss_and_calibration():
-    worse_logloss = comparison(ALL_BETTER, logloss=(0.35, 0.30))
+    worse_logloss = comparison(ALL_BETTER, logloss=(0.35, 0.30), se=0.002)
     assert decide(worse_logloss, TASKS).verdict == "promote"  # guardrails are off by default
     decision = decide(worse_logloss, TASKS, GateSettings(max_logloss_increase=0.02))
     assert decision.verdict == "reject" and "logloss worse by 0.0500" in decision.reason
     assert decide(worse_logloss, TASKS, GateSettings(max_logloss_increase=0.06)).verdict == "promote"
-    worse_ece = comparison(ALL_BETTER, ece=(0.05, 0.01))
+    worse_ece = comparison(ALL_BETTER, ece=(0.05, 0.01), se=0.002)
     decision = decide(worse_ece, TASKS, GateSettings(max_ece_increase=0.02))
     assert decision.verdict == "reject" and "ece worse by 0.0400" in decision.reason
 
@@ -121,7 +122,8 @@ def test_task_missing_from_the_comparison_rejects():
     decision = decide(comparison(aucs), TASKS)
     assert decision.verdict == "reject"
     assert "churn: no holdout examples" in decision.reason
-    assert decision.rule["name"] == "every_task_beats_champion" and decision.per_task["churn"]["mode"] == "missing"
+    assert decision.rule["name"] == "every_task_noninferior_and_mean_gain"
+    assert decision.per_task["churn"]["mode"] == "missing"
 
 
 def test_undefined_auc_rejects_and_json_has_no_nan():
@@ -137,10 +139,78 @@ def test_configured_tasks_decide_which_must_pass():
         TaskSpec(name="churn", sample_space="users", label="churned"),
     ]
     aucs = {**ALL_BETTER, "cvr": (0.50, 0.65)}  # a worse task the configuration no longer has
-    decision = decide(comparison(aucs), only_two)
+    decision = decide(comparison(aucs, se=0.002), only_two)
     assert decision.verdict == "promote" and set(decision.per_task) == {"ctr", "churn"}
     with pytest.raises(GateError, match="at least one task"):
         decide(comparison(aucs), [])
+
+
+# --- the evidence rule (default) -------------------------------------------------------------------------
+def evidence(deltas: dict[str, float], se: dict[str, float] | float) -> dict:
+    """A comparison with DeLong standard errors: {task: delta}, champion AUC 0.70 everywhere."""
+    ses = se if isinstance(se, dict) else dict.fromkeys(deltas, se)
+    return comparison({name: (0.70 + d, 0.70) for name, d in deltas.items()}, low=-1.0, se=None) | {
+        "tasks": {
+            name: {**entry, "auc_delta": {"delta": deltas[name], "se": ses[name]}}
+            for name, entry in comparison({n: (0.70 + d, 0.70) for n, d in deltas.items()})["tasks"].items()
+        }
+    }
+
+
+def test_evidence_rule_promotes_a_clear_gain_without_claiming_every_task_beats():
+    decision = decide(evidence({"ctr": 0.01, "cvr": 0.01, "ad_ctr": 0.01, "churn": 0.01}, 0.003), TASKS)
+    assert decision.verdict == "promote"
+    assert decision.reason.startswith("promoted: no task is worse than the champion by 0.01 or more")
+    assert "beats" not in decision.reason
+    assert decision.rule["name"] == "every_task_noninferior_and_mean_gain"
+    assert decision.rule["mean"]["delta"] == pytest.approx(0.01)
+    # the mean's standard error: sqrt(4 * 0.003^2) / 4
+    assert decision.rule["mean"]["se"] == pytest.approx(0.0015)
+    assert decision.per_task["ctr"]["lower_bound"] == pytest.approx(0.01 - 1.6449 * 0.003, abs=1e-4)
+
+
+def test_evidence_rule_holds_when_a_task_lacks_evidence_and_says_how_much_more_it_needs():
+    # cvr's gain is as large, but its holdout is small: it could still be 0.01 worse.
+    decision = decide(
+        evidence(
+            {"ctr": 0.01, "cvr": 0.004, "ad_ctr": 0.01, "churn": 0.01},
+            {"ctr": 0.002, "cvr": 0.012, "ad_ctr": 0.003, "churn": 0.004},
+        ),
+        TASKS,
+    )
+    assert decision.verdict == "hold" and not decision.promote
+    assert decision.reason.startswith("held, champion kept: not enough evidence: cvr could still be worse by 0.01")
+    factor = ((1.6449 + 0.8416) * 0.012 / 0.014) ** 2
+    assert decision.per_task["cvr"]["more_data"] == pytest.approx(factor, rel=1e-3)
+    assert f"about {factor:.1f} times this holdout would tell" in decision.reason
+    assert "more_data" not in decision.per_task["ctr"]
+    assert not any(row["passed"] for row in decision.per_task.values())
+
+
+def test_evidence_rule_rejects_a_task_shown_worse_and_a_challenger_without_gain():
+    worse = decide(evidence({"ctr": 0.02, "cvr": 0.02, "ad_ctr": 0.02, "churn": -0.01}, 0.003), TASKS)
+    assert worse.verdict == "reject" and "churn: AUC 0.6900 vs champion 0.7000" in worse.reason
+    assert "worse than the champion" in worse.reason and "ctr:" not in worse.reason
+    no_gain = decide(evidence({"ctr": 0.001, "cvr": -0.004, "ad_ctr": 0.0, "churn": 0.0}, 0.005), TASKS)
+    assert no_gain.verdict == "reject" and no_gain.reason.startswith("rejected: no gain (+0.0040 is worth a swap)")
+
+
+def test_a_gain_smaller_than_two_trainings_differ_by_is_no_reason_to_swap():
+    small = {"ctr": 0.003, "cvr": 0.003, "ad_ctr": 0.003, "churn": 0.003}
+    decision = decide(evidence(small, 0.0005), TASKS)
+    assert decision.verdict == "reject" and "no gain (+0.0040 is worth a swap)" in decision.reason
+    assert decide(evidence(small, 0.0005), TASKS, GateSettings(min_gain=0.0)).verdict == "promote"
+    assert decide(evidence(dict.fromkeys(small, 0.006), 0.0005), TASKS).verdict == "promote"
+
+
+def test_evidence_rule_without_a_standard_error_cannot_promote():
+    cmp = evidence({"ctr": 0.02, "cvr": 0.02, "ad_ctr": 0.02, "churn": 0.02}, 0.002)
+    del cmp["tasks"]["cvr"]["auc_delta"]["se"]
+    decision = decide(cmp, TASKS)
+    assert decision.verdict == "reject" and "no standard error of the AUC difference for cvr" in decision.reason
+    # an interval alone (comparisons made before the DeLong variance) gives the standard error
+    cmp["tasks"]["cvr"]["auc_delta"].update(low=0.02 - 1.96 * 0.002, high=0.02 + 1.96 * 0.002)
+    assert decide(cmp, TASKS).per_task["cvr"]["se"] == pytest.approx(0.002, abs=1e-5)
 
 
 # --- the record on the model version (real MLflow on SQLite; no training needed) -------------------------
@@ -176,7 +246,7 @@ def _version(client, tmp_path, name="mtl_recommender") -> tuple[str, str]:
 def test_record_decision_writes_tags_description_and_comparison_artifact(client, tmp_path):
     version, run_id = _version(client, tmp_path)
     cmp = comparison({**ALL_BETTER, "churn": (0.785, 0.79)})
-    decision = decide(cmp, TASKS, GateSettings(require_significance=True))
+    decision = decide(cmp, TASKS, GateSettings(rule="point", require_significance=True))
     document = record_decision(client, "mtl_recommender", version, decision, cmp, champion_version=7)
 
     mv = client.get_model_version("mtl_recommender", version)
@@ -214,7 +284,7 @@ def test_a_pass_is_recorded_too_against_the_current_champion(client, tmp_path):
 
 def test_an_allowed_override_of_the_gate_is_recorded_on_the_version(client, tmp_path):
     version, _ = _version(client, tmp_path)
-    cmp = comparison(ALL_BETTER)
+    cmp = comparison(ALL_BETTER, se=0.002)
     decision = decide(cmp, TASKS, GateSettings())
     decision.rule["overrides"] = {"tasks.churn.floor": "0.6 -> 0.0"}  # what pipeline.gate adds for such a run
     record_decision(client, "mtl_recommender", version, decision, cmp, champion_version=7)

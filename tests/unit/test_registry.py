@@ -277,7 +277,7 @@ def test_gate_status_and_champion_download(client, trained, tmp_path):
         load_model(trained["a"]).predict_frame(trained["frame"]).to_numpy(),
     )
     _, v2 = register(client, trained, "day2", "b")
-    comparison = compare_models(trained["b"], champion_dir, trained["snap"], n_boot=20)
+    comparison = compare_models(trained["b"], champion_dir, trained["snap"])
     decision = gate(client, v2, comparison, trained["settings"].tasks)
     assert reg.current_alias(client, NAME, reg.CHAMPION) == (2 if decision.promote else 1)
 
