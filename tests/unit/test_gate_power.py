@@ -1,0 +1,54 @@
+"""bench/gate_power.py's trial construction: the worse and better challengers hit their AUC targets, and on
+data with plenty of evidence the evidence rule tells the three settings apart."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtl_core.config import DEFAULT_TASKS, GateSettings
+from mtl_core.judge.metrics import roc_auc
+
+spec = importlib.util.spec_from_file_location("gate_power", Path(__file__).parents[2] / "bench" / "gate_power.py")
+gate_power = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gate_power)
+
+
+def synthetic(n: int, models: int, rng) -> dict:
+    """Labels drawn from a true logit; each model sees the truth plus its own noise."""
+    true_logit = rng.normal(-1.0, 1.0, n)
+    labels = rng.random(n) < 1 / (1 + np.exp(-true_logit))
+    logits = [true_logit + rng.normal(0, 1.0, n) for _ in range(models)]
+    return {"labels": labels, "logits": logits, "true_logit": true_logit}
+
+
+def test_the_worse_and_better_challengers_are_0_01_off_the_champion():
+    rng = np.random.default_rng(0)
+    d = synthetic(20_000, 2, rng)
+    champion = roc_auc(d["labels"], d["logits"][1])
+    worse = gate_power._worse(d["labels"], d["logits"][1], champion - 0.01, rng)
+    better = gate_power._better(d["labels"], d["logits"][1], d["true_logit"], champion + 0.01)
+    assert roc_auc(d["labels"], worse) == pytest.approx(champion - 0.01, abs=2e-4)
+    assert roc_auc(d["labels"], better) == pytest.approx(champion + 0.01, abs=2e-4)
+    # A challenger already more than 0.01 better (or worse) stays as it is: "at least 0.01".
+    ahead = roc_auc(d["labels"], gate_power._better(d["labels"], d["logits"][0], d["true_logit"], champion - 0.02))
+    assert ahead == pytest.approx(roc_auc(d["labels"], d["logits"][0]))
+    assert gate_power._better(d["labels"], d["logits"][0], d["true_logit"], 0.999) is None
+
+
+def test_with_plenty_of_evidence_the_evidence_rule_tells_the_settings_apart():
+    rng = np.random.default_rng(1)
+    data = {task.name: synthetic(40_000, 3, rng) for task in DEFAULT_TASKS}
+    rules = {"evidence": GateSettings(), "point": GateSettings(rule="point")}
+    rates = gate_power._operating_characteristics(data, list(DEFAULT_TASKS), rules, trials=40, rng=rng)
+    evidence = rates["evidence"]
+    assert evidence["aa_promotion"]["rate"] <= 0.1
+    assert evidence["one_task_worse_promotion"]["rate"] <= 0.1
+    assert evidence["all_better_promotion"]["rate"] >= 0.9
+    assert rates["point"]["all_better_promotion"]["rate"] >= 0.9
+
+
+def test_rates_come_with_wilson_intervals():
+    assert gate_power._rate(0, 20) == {"rate": 0.0, "low": 0.0, "high": 0.161, "trials": 20}
+    assert gate_power._rate(10, 20)["low"] == pytest.approx(0.299, abs=1e-3)
