@@ -213,6 +213,13 @@ def test_evidence_rule_without_a_standard_error_cannot_promote():
     assert decide(cmp, TASKS).per_task["cvr"]["se"] == pytest.approx(0.002, abs=1e-5)
 
 
+def test_the_record_carries_the_rules_measured_error_rates():
+    decision = decide(evidence({"ctr": 0.01, "cvr": 0.01, "ad_ctr": 0.01, "churn": 0.01}, 0.003), TASKS)
+    rates = decision.rule["measured_error_rates"]
+    assert set(rates) >= {"aa_promotion", "one_task_worse_promotion", "all_better_promotion", "measured_by"}
+    assert 0 <= rates["aa_promotion"]["rate"] <= 1
+
+
 # --- the record on the model version (real MLflow on SQLite; no training needed) -------------------------
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory):
