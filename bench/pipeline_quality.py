@@ -139,6 +139,7 @@ def say(line: str) -> None:
 def _read_run(settings, end: date) -> dict:
     """The newest run's comparison and decision: per task, deployed champion, challenger and oracle AUC."""
     from mtl_core.artifacts import Comparison, GateDecision
+    from mtl_core.pipeline import deployed_model_dir
 
     folder = max((settings.data_dir / "runs").glob("*/comparison.json"), key=lambda p: p.stat().st_mtime).parent
     comparison = Comparison.load(folder / "comparison.json")
@@ -163,17 +164,9 @@ def _read_run(settings, end: date) -> dict:
         "version": decision.version,
         "reason": decision.reason,
         "examples": comparison.examples,
-        "champion_model": _deployed_model_dir(comparison, decision),
+        "champion_model": deployed_model_dir(comparison, decision),
         "tasks": tasks,
     }
-
-
-def _deployed_model_dir(comparison, decision) -> str | None:
-    from mtl_core.artifacts import TrainedModel
-
-    if decision.verdict == "promote":
-        return TrainedModel.load(comparison.challenger).model_dir
-    return TrainedModel.load(comparison.champion).model_dir if comparison.champion else None
 
 
 def _offline_reference(settings, engine, run: dict, out: Path) -> dict:

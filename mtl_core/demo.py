@@ -18,13 +18,14 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from mtl_core.artifacts import Comparison, ExampleSet, GateDecision, TrainedModel
+from mtl_core.artifacts import Comparison, ExampleSet, GateDecision
 from mtl_core.config import Settings
 from mtl_core.data.corruption import corrupt_interval
 from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.data.warehouse import make_engine
 from mtl_core.errors import MtlError
 from mtl_core.local_airflow import run_dag_in_process
+from mtl_core.pipeline import deployed_model_dir
 
 STEPS = ("extract", "validate", "build_features", "train_challenger", "evaluate", "register", "gate")
 WEEKS = (7, 8, 9, 10)  # the DAG runs for the intervals ending this many weeks after the shop's start
@@ -90,10 +91,13 @@ def run_demo(base: Settings, users: int, items: int, say: Callable[[str], None])
             say(line)
         decision = status(client, settings.pipeline.model_name)["last_decision"]
         say(f"  verdict: {decision['verdict']} v{decision['version']}: {decision['reason']}")
-        shipped.append((end.isoformat(), comparison, _shipped_model(comparison)))
+        decision_record = GateDecision.load(Path(comparison.uri).parent / "decision.json")
+        shipped.append((end.isoformat(), comparison, deployed_model_dir(comparison, decision_record)))
     say("\n" + format_status(status(client, settings.pipeline.model_name)))
     say("\nwaiting for the offline references ...")
-    if any(process.wait() != 0 for process in references):
+    failed = [process for process in references if process.wait() != 0]
+    log.close()
+    if failed:
         raise MtlError(f"training the offline references failed; the log is {settings.data_dir / 'references.log'}")
     say("the shipped champion of each run against the offline reference (the same configuration trained from")
     say("scratch on all history up to the run's cut-off) and the oracle, on the run's holdout:")
@@ -129,14 +133,6 @@ def _comparison_lines(comparison: Comparison) -> list[str]:
             + (f"  oracle {oracle:.4f}" if oracle else "")
         )
     return lines
-
-
-def _shipped_model(comparison: Comparison) -> str | None:
-    """The model serving after the run's decision: the challenger if promoted, else the champion kept."""
-    decision = GateDecision.load(Path(comparison.uri).parent / "decision.json")
-    if decision.verdict == "promote":
-        return TrainedModel.load(comparison.challenger).model_dir
-    return TrainedModel.load(comparison.champion).model_dir if comparison.champion else None
 
 
 def _reference_lines(settings: Settings, shipped: list[tuple[str, Comparison, str | None]]) -> list[str]:

@@ -261,16 +261,17 @@ def evaluate(settings: Settings, challenger: TrainedModel) -> Comparison:
     from mtl_core.learn.checkpoint import load_model
 
     example_set = ExampleSet.load(challenger.examples)
+    examples = example_set.examples()
     champion = TrainedModel.load(challenger.champion) if challenger.champion else None
     scored = score_against_champion(
         load_model(challenger.model_dir),
         load_model(champion.model_dir) if champion else None,
-        example_set.examples(),
+        examples,
         # oracle AUCs when the warehouse is the simulated shop
         truth=Truth(_warehouse(settings), pseudonymiser_for(settings)),
     )
     if challenger.single_task_models:
-        add_single_task_lifts(scored, challenger.single_task_models, example_set.examples())
+        add_single_task_lifts(scored, challenger.single_task_models, examples)
     folder = Path(challenger.uri).parent
     Comparison.save_predictions(folder / "predictions.parquet", scored.labels, scored.probabilities)
     return Comparison(
@@ -432,6 +433,13 @@ def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
         moved = make_champion(client, model, decision.version, actor="mtl_retrain DAG", why=decision.reason)
     finish_run(client, decision.run_id)
     return moved
+
+
+def deployed_model_dir(comparison: Comparison, decision: GateDecision) -> str | None:
+    """The model serving after a run's decision: the challenger if promoted, else the champion it was held to."""
+    if decision.verdict == "promote":
+        return TrainedModel.load(comparison.challenger).model_dir
+    return TrainedModel.load(comparison.champion).model_dir if comparison.champion else None
 
 
 def record_rejection(settings: Settings, decision: GateDecision) -> dict[str, Any]:

@@ -171,23 +171,22 @@ def _judge_task(task: TaskSpec, comparison: dict[str, Any], settings: GateSettin
     row["se"] = _standard_error(auc_delta)
     row["low"] = _num(auc_delta.get("low"))
     row["high"] = _num(auc_delta.get("high"))
-    failures: list[str] = []
+    guardrails: list[str] = []
     for metric, limit in (("logloss", settings.max_logloss_increase), ("ece", settings.max_ece_increase)):
         if limit is None:
             continue
         a, b = _num(challenger.get(metric)), _num(champion.get(metric))
         if a is None or b is None:
-            failures.append(f"{metric} guardrail cannot be checked ({metric} missing)")
+            guardrails.append(f"{metric} guardrail cannot be checked ({metric} missing)")
             continue
         row[f"{metric}_increase"] = a - b
         if a - b > limit:
-            failures.append(
+            guardrails.append(
                 f"{metric} worse by {a - b:.4f} ({fmt_metric(b)} -> {fmt_metric(a)}), more than the {limit:g} allowed"
             )
-    row["guardrails_failed"] = failures[:]
+    row["guardrails_failed"] = guardrails
     if settings.rule == "point":
-        _point_rule(row, settings, failures)
-    row["failures"] = failures
+        _point_rule(row, settings, list(guardrails))
     return row
 
 
@@ -225,21 +224,21 @@ def _point_rule(row: dict[str, Any], settings: GateSettings, failures: list[str]
     )
 
 
-def _evidence_rule(per_task: dict[str, dict[str, Any]], settings: GateSettings) -> tuple[str, str]:
-    """(verdict, reason) of the evidence rule over the compared tasks; fills each row's bounds and needs."""
+def _evidence_rule(
+    rows: list[dict[str, Any]], settings: GateSettings
+) -> tuple[Literal["promote", "hold", "reject"], str, dict[str, float] | None]:
+    """(verdict, reason, the tasks' mean difference) of the evidence rule over the compared tasks' rows,
+    whose bounds and needs it fills in."""
     z = NormalDist().inv_cdf(settings.confidence)
     z_power = NormalDist().inv_cdf(settings.power)
     pct = f"{settings.confidence:.0%}"
     m = settings.margin
-    rows = list(per_task.values())
     no_se = [r["task"] for r in rows if r["se"] is None]
     if no_se:
         for r in rows:
             r["why"] = f"{r['task']}: no standard error of the AUC difference" if r["se"] is None else r["why"]
-        return (
-            "reject",
-            f"rejected: no standard error of the AUC difference for {', '.join(no_se)}, so nothing is known",
-        )
+        reason = f"rejected: no standard error of the AUC difference for {', '.join(no_se)}, so nothing is known"
+        return "reject", reason, None
     worse, short, guard = [], [], []
     for r in rows:
         r["lower_bound"], r["upper_bound"] = r["delta"] - z * r["se"], r["delta"] + z * r["se"]
@@ -274,28 +273,30 @@ def _evidence_rule(per_task: dict[str, dict[str, Any]], settings: GateSettings) 
     summary = (
         f"mean AUC difference over the tasks {fmt_metric(mean, True)} ({pct} lower bound {fmt_metric(mean_low, True)})"
     )
-    per_task["_mean"] = {"delta": mean, "se": mean_se, "lower_bound": mean_low}
+    summed: dict[str, float] = {"delta": mean, "se": mean_se, "lower_bound": mean_low}
     details = "; ".join(r["why"] for r in rows)
     if guard or worse:
         failed = guard + worse
-        return "reject", f"rejected: {len(failed)} of {len(rows)} task(s) failed: " + "; ".join(failed)
+        return "reject", f"rejected: {len(failed)} of {len(rows)} task(s) failed: " + "; ".join(failed), summed
     floor = settings.min_gain
     if mean <= floor:
         worth = f" ({fmt_metric(floor, True)} is worth a swap)" if floor else ""
-        return "reject", f"rejected: no gain{worth}, {summary}: {details}"
+        return "reject", f"rejected: no gain{worth}, {summary}: {details}", summed
     if short or mean_low <= floor:
         needs = list(short)
         if mean_low <= floor:
             factor = ((z + z_power) * mean_se / (mean - floor)) ** 2
-            per_task["_mean"]["more_data"] = factor
+            summed["more_data"] = factor
             needs.append(
                 f"the mean gain is not shown above {fmt_metric(floor, True) if floor else 0} "
                 f"(about {factor:.1f} times this holdout would tell)"
             )
-        return "hold", f"held, champion kept: not enough evidence: {'; '.join(needs)}; {summary}: {details}"
-    return "promote", (
+        return "hold", f"held, champion kept: not enough evidence: {'; '.join(needs)}; {summary}: {details}", summed
+    return (
+        "promote",
         f"promoted: no task is worse than the champion by {m:g} or more and the tasks together are better, "
-        f"{summary}: {details}"
+        f"{summary}: {details}",
+        summed,
     )
 
 
@@ -344,9 +345,7 @@ def decide(comparison: dict[str, Any], tasks: list[TaskSpec], settings: GateSett
         reason = f"rejected: {len(failed)} of {len(per_task)} task(s) failed: " + "; ".join(r["why"] for r in failed)
         verdict: Literal["promote", "hold", "reject"] = "reject"
     elif settings.rule == "evidence" and compared:
-        rows = dict(compared)
-        verdict, reason = _evidence_rule(rows, settings)
-        mean = rows.pop("_mean", None)
+        verdict, reason, mean = _evidence_rule(list(compared.values()), settings)
         for row in compared.values():
             row["passed"] = verdict == "promote"
         if mean is not None:

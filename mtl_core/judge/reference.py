@@ -70,6 +70,7 @@ class ReferenceGap:
 def compare_with_reference(reference_dir: Path, champion_dir: Path | None, examples) -> ReferenceGap:
     """The reference and the champion on the same holdout rows of ``examples`` (the run's own examples)."""
     from mtl_core.judge.delong import paired_auc_difference
+    from mtl_core.judge.metrics import roc_auc
     from mtl_core.learn.checkpoint import load_model
 
     reference = load_model(reference_dir)
@@ -86,7 +87,7 @@ def compare_with_reference(reference_dir: Path, champion_dir: Path | None, examp
             continue
         labels = examples.labels[rows, t]
         ref = ours[lookup[rows], reference.task_names.index(task)]
-        entry: dict[str, Any] = {"auc": float(paired_auc_difference(labels, ref, ref)["auc_a"])}
+        entry: dict[str, Any] = {"auc": float(roc_auc(labels, ref))}
         if theirs is not None and task in champion.task_names:
             diff = paired_auc_difference(labels, theirs[lookup[rows], champion.task_names.index(task)], ref)
             entry["champion_auc"] = float(diff["auc_a"])

@@ -211,8 +211,15 @@ def train_model(
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     tasks = _select_tasks(settings, single_task)
-    # The joint model's rows per epoch (before a single task's examples are cut out): its step budget.
-    budget_rows = _training_volume(examples, recency_half_life_days)
+    # Every configured task's training rows (and recency weights) before a single task's examples are cut
+    # out: together they are the joint model's rows per epoch, its step budget.
+    all_rows = {name: examples.task_rows(t, "train") for t, name in enumerate(examples.task_names)}
+    all_weights = (
+        {name: recency_weights(examples, rows, recency_half_life_days) for name, rows in all_rows.items()}
+        if recency_half_life_days
+        else None
+    )
+    budget_rows = sum(w.sum() for w in all_weights.values()) if all_weights else sum(map(len, all_rows.values()))
     if examples.task_names != [t.name for t in tasks]:
         examples = _subset_tasks(examples, [t.name for t in tasks])
     counts = split_summary(examples)
@@ -264,13 +271,9 @@ def train_model(
         )
         model.inputs.set_text_statistics(initial[1:])
 
-    task_rows = [examples.task_rows(t, "train") for t in range(len(tasks))]
+    task_rows = [all_rows[task.name] for task in tasks]
     temperature = cfg.temperature if cfg.sampling == "temperature" else 1.0
-    weights = (
-        [recency_weights(examples, rows, recency_half_life_days) for rows in task_rows]
-        if recency_half_life_days
-        else None
-    )
+    weights = [all_weights[task.name] for task in tasks] if all_weights else None
     sampler = TaskSampler(task_rows, cfg.batch_size, temperature, cfg.seed, weights)
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(budget_rows / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
@@ -397,15 +400,6 @@ def recency_weights(examples: Examples, rows: np.ndarray, half_life_days: float)
     newest = train_times.max() if len(train_times) else examples.interval[1]
     age_days = (newest - examples.time[rows]) / np.timedelta64(1, "D")
     return np.exp2(-np.maximum(age_days, 0.0) / half_life_days)
-
-
-def _training_volume(examples: Examples, half_life_days: float | None) -> float:
-    """Rows per epoch over every task of ``examples``: their training rows, or their recency weights' sum."""
-    total = 0.0
-    for t in range(len(examples.task_names)):
-        rows = examples.task_rows(t, "train")
-        total += recency_weights(examples, rows, half_life_days).sum() if half_life_days else len(rows)
-    return total
 
 
 def _subset_tasks(examples: Examples, names: list[str]) -> Examples:
