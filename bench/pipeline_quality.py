@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1, help="shop seed: 1-9 to choose, 101-103 to report")
     parser.add_argument("--weeks", type=int, default=8, help="weekly DAG runs (at least 8)")
-    parser.add_argument("--policy", choices=["warm_start", "scratch", "recency"], default=None)
+    parser.add_argument("--policy", choices=["warm_start", "scratch", "recency", "expanding"], default=None)
     parser.add_argument("--users", type=int, default=12_000, help="the demo's shop size by default")
     parser.add_argument("--items", type=int, default=2_500)
     parser.add_argument("--references", choices=["key", "all", "none"], default="key")

@@ -67,16 +67,29 @@ def run_dir(settings: Settings, run_key: str) -> Path:
 
 
 def lookback_days(settings: Settings) -> int:
-    """Days of examples a run extracts before its interval's end: the policy's window."""
+    """Days of examples a run extracts before its interval's end: the policy's window (for ``expanding``,
+    the most it may grow to)."""
     pipeline = settings.pipeline
-    return pipeline.recency_lookback_days if pipeline.policy == "recency" else pipeline.lookback_days
+    return {"recency": pipeline.recency_lookback_days, "expanding": pipeline.expanding_max_days}.get(
+        pipeline.policy, pipeline.lookback_days
+    )
 
 
-def training_window(settings: Settings, interval_end: Any) -> tuple[datetime, datetime]:
-    """[end - lookback - history warm-up, end): the lookback's newest days are the holdout."""
+def training_window(settings: Settings, interval_end: Any, engine=None) -> tuple[datetime, datetime]:
+    """[end - lookback - history warm-up, end): the lookback's newest days are the holdout.
+
+    Under the ``expanding`` policy the window starts at the day of the warehouse's first event (``engine``
+    is asked) unless that is longer ago than ``expanding_max_days``.
+    """
     end = _as_datetime(interval_end)
     days = lookback_days(settings) + settings.features.history_days
-    return end - timedelta(days=days), end
+    start = end - timedelta(days=days)
+    if settings.pipeline.policy == "expanding":
+        from mtl_core.judge.reference import first_event
+
+        first = _as_datetime(first_event(engine if engine is not None else _warehouse(settings)))
+        start = max(start, first.replace(hour=0, minute=0, second=0, microsecond=0))
+    return start, end
 
 
 def _client(settings: Settings):
@@ -101,9 +114,10 @@ def extract(settings: Settings, interval_end: Any) -> Snapshot:
     from mtl_core.data.pseudonyms import pseudonymiser_for
     from mtl_core.data.stored_values import extract_or_explain
 
-    start, end = training_window(settings, interval_end)
+    engine = _warehouse(settings)
+    start, end = training_window(settings, interval_end, engine)
     out = settings.snapshots_dir / f"{start:%Y%m%d}-{end:%Y%m%d}"
-    extract_or_explain(_warehouse(settings), start, end, out, pseudonymiser_for(settings))
+    extract_or_explain(engine, start, end, out, pseudonymiser_for(settings))
     return Snapshot.load(out)
 
 
@@ -177,7 +191,8 @@ def fetch_champion(settings: Settings, run_key: str) -> TrainedModel | None:
 
 
 def train_challenger(settings: Settings, example_set: ExampleSet, run_key: str) -> TrainedModel:
-    """Fetch the champion, then train the challenger as ``pipeline.policy`` says (warm start, scratch, recency).
+    """Fetch the champion, then train the challenger as ``pipeline.policy`` says (warm start, or from scratch on
+    the window, recency-weighted or expanding).
 
     Retried, it resumes from its checkpoint.
     """

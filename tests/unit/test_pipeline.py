@@ -3,7 +3,7 @@ snapshot integrity."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +24,19 @@ def test_training_window_is_lookback_plus_history_ending_at_the_interval_end(tmp
     settings = load_settings(environ={"MTL_DATA_DIR": str(tmp_path), "MTL_PIPELINE__LOOKBACK_DAYS": "28"})
     start, end = pipeline.training_window(settings, "2026-03-02T00:00:00+00:00")
     assert end == datetime(2026, 3, 2) and (end - start).days == 28 + settings.features.history_days
+
+
+def test_the_expanding_window_starts_at_the_first_event_and_grows_no_longer_than_its_cap(tmp_path):
+    env = {"MTL_DATA_DIR": str(tmp_path), "MTL_PIPELINE__POLICY": "expanding"}
+    settings = load_settings(environ=env)
+    engine = wh.make_engine(settings.resolved_warehouse_url)
+    write_shop(engine, ShopSpec(users=60, items=20, days=70, start=date(2026, 1, 5), seed=1))
+    assert pipeline.training_window(settings, "2026-03-02", engine) == (datetime(2026, 1, 5), datetime(2026, 3, 2))
+    assert pipeline.training_window(settings, "2026-03-09", engine)[0] == datetime(2026, 1, 5)  # it grows
+    capped = load_settings(environ={**env, "MTL_PIPELINE__EXPANDING_MAX_DAYS": "21"})
+    start, end = pipeline.training_window(capped, "2026-03-09", engine)
+    assert (end - start).days == 21 + capped.features.history_days
+    assert pipeline.lookback_days(capped) == 21
 
 
 def test_previous_snapshot_is_the_newest_one_ending_earlier(tmp_path):
