@@ -9,7 +9,8 @@ A simulated shop whose users' tastes change mid-way; the real DAG (``mtl run-dag
 * oracle: the shop's true probabilities on the same rows (the best any model could do);
 * reference: the offline reference, a model of the same configuration trained from scratch on ALL history
   up to the run's training cut-off (uniform weights), scored on the same rows. It is trained for the last
-  run before the drift, the two after it and the last run (``--references all`` for every run).
+  run before the drift, the two after it and the last run (``--references all`` for every run). Under the
+  expanding policy the run's challenger is its reference (the same model), so none is trained apart.
 
 It ends with one JSON object: per task the averages over runs, the champion's gap to the reference and to
 the oracle, and the recovery after the drift (the gaps at the two runs after it).
@@ -138,7 +139,7 @@ def say(line: str) -> None:
 
 def _read_run(settings, end: date) -> dict:
     """The newest run's comparison and decision: per task, deployed champion, challenger and oracle AUC."""
-    from mtl_core.artifacts import Comparison, GateDecision
+    from mtl_core.artifacts import Comparison, GateDecision, TrainedModel
     from mtl_core.pipeline import deployed_model_dir
 
     folder = max((settings.data_dir / "runs").glob("*/comparison.json"), key=lambda p: p.stat().st_mtime).parent
@@ -165,16 +166,25 @@ def _read_run(settings, end: date) -> dict:
         "reason": decision.reason,
         "examples": comparison.examples,
         "champion_model": deployed_model_dir(comparison, decision),
+        "challenger_model": TrainedModel.load(comparison.challenger).model_dir,
         "tasks": tasks,
     }
 
 
 def _offline_reference(settings, engine, run: dict, out: Path) -> dict:
-    """Same configuration, from scratch on all history up to the run's training cut-off; scored on its holdout."""
-    from mtl_core.artifacts import ExampleSet
-    from mtl_core.judge.reference import compare_with_reference, train_reference
+    """Same configuration, from scratch on all history up to the run's training cut-off; scored on its holdout.
 
-    reference = train_reference(settings, engine, run["interval_end"], out)
+    Under the expanding policy the run's challenger is that model (same configuration, seed and days), so it
+    is not trained twice.
+    """
+    from mtl_core.artifacts import ExampleSet
+    from mtl_core.judge.reference import challenger_is_its_reference, compare_with_reference, train_reference
+
+    if challenger_is_its_reference(settings, engine, run["interval_end"]):
+        reference = Path(run["challenger_model"])
+        run["reference_is_challenger"] = True
+    else:
+        reference = train_reference(settings, engine, run["interval_end"], out)
     # Scored on the DAG run's own holdout rows, so that it is compared with the champion row for row.
     examples = ExampleSet.load(run["examples"]).examples()
     champion = Path(run["champion_model"]) if run["champion_model"] else None

@@ -11,7 +11,13 @@ from conftest import tiny_training_env
 from mtl_core.config import load_settings
 from mtl_core.data import warehouse as wh
 from mtl_core.data.shop import ShopSpec, write_shop
-from mtl_core.judge.reference import compare_with_reference, first_event, reference_dir, train_reference
+from mtl_core.judge.reference import (
+    challenger_is_its_reference,
+    compare_with_reference,
+    first_event,
+    reference_dir,
+    train_reference,
+)
 from mtl_core.learn.checkpoint import load_model
 
 
@@ -42,6 +48,33 @@ def test_the_reference_learns_all_history_once_and_scores_a_run_row_for_row(tmp_
         assert entry["champion_auc"] == pytest.approx(entry["auc"]) and entry["champion_minus_reference"]["delta"] == 0
     assert np.isfinite([e["auc"] for e in gap.tasks.values()]).all()
     assert load_model(model_dir).task_names == ["ctr", "cvr", "ad_ctr", "churn"]
+
+
+def test_under_the_expanding_policy_the_runs_challenger_is_its_reference(tmp_path, tiny_bert_path):
+    from mtl_core import pipeline
+    from mtl_core.artifacts import TrainedModel
+
+    env = {**tiny_training_env(tmp_path, tiny_bert_path), "MTL_PIPELINE__POLICY": "expanding"}
+    settings = load_settings(environ=env)
+    engine = wh.make_engine(settings.resolved_warehouse_url)
+    write_shop(engine, ShopSpec(users=400, items=100, days=35, start=date(2026, 1, 5), seed=4))
+    end = "2026-02-09T00:00:00+00:00"
+    assert challenger_is_its_reference(settings, engine, end)
+
+    # The DAG's own steps, then the reference trained on its own: the same predictions, to the last bit.
+    snapshot = pipeline.validate(settings, pipeline.extract(settings, end))
+    example_set = pipeline.build_features(settings, snapshot, "run1")
+    challenger = TrainedModel.load(pipeline.train_challenger(settings, example_set, "run1").uri)
+    reference = train_reference(settings, engine, end, reference_dir(settings, end))
+    examples = example_set.examples()
+    rows = np.flatnonzero(examples.split == "holdout")
+    ours = load_model(challenger.model_dir).predict(examples, rows)
+    np.testing.assert_array_equal(ours, load_model(reference).predict(examples, rows))
+
+    capped = load_settings(environ={**env, "MTL_PIPELINE__EXPANDING_MAX_DAYS": "14"})
+    assert not challenger_is_its_reference(capped, engine, end)  # a capped window no longer holds all history
+    warm = load_settings(environ={**env, "MTL_PIPELINE__POLICY": "warm_start"})
+    assert not challenger_is_its_reference(warm, engine, end)
 
 
 def test_an_empty_warehouse_has_no_history_to_learn(tmp_path):
