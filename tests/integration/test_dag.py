@@ -30,10 +30,13 @@ from mtl_core.local_airflow import DAGS_FOLDER, prepare_airflow, run_dag_in_proc
 START = date(2026, 1, 5)
 WEEK = [START + timedelta(days=7 * k) for k in range(11)]  # WEEK[k] is the end of week k
 TASKS = ("ctr", "cvr", "ad_ctr", "churn")
+# Warm start, not the expanding default: it is the path with the most moving parts (the champion's weights
+# fetched from the registry and grown), and its 5-week windows keep the runs short. The expanding default is
+# run by the DAG's own steps in tests/unit/test_reference.py and by make demo.
 CONFIG = """
 features: {history_days: 7, valid_days: 4, holdout_days: 7}
 train: {epochs: 2}
-pipeline: {retries: 0}
+pipeline: {retries: 0, policy: warm_start}
 tasks:
   - {name: ctr, sample_space: feed, label: clicked, floor: 0.5}
   - {name: cvr, sample_space: feed, label: purchased, given: clicked, weight: 0.5, floor: 0.5}

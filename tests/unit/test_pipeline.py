@@ -21,7 +21,8 @@ from mtl_core.learn.training import train_on_snapshot
 
 
 def test_training_window_is_lookback_plus_history_ending_at_the_interval_end(tmp_path):
-    settings = load_settings(environ={"MTL_DATA_DIR": str(tmp_path), "MTL_PIPELINE__LOOKBACK_DAYS": "28"})
+    env = {"MTL_DATA_DIR": str(tmp_path), "MTL_PIPELINE__LOOKBACK_DAYS": "28", "MTL_PIPELINE__POLICY": "warm_start"}
+    settings = load_settings(environ=env)
     start, end = pipeline.training_window(settings, "2026-03-02T00:00:00+00:00")
     assert end == datetime(2026, 3, 2) and (end - start).days == 28 + settings.features.history_days
 
