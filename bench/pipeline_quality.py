@@ -178,7 +178,8 @@ def _offline_reference(settings, engine, run: dict, out: Path) -> dict:
     is not trained twice.
     """
     from mtl_core.artifacts import ExampleSet
-    from mtl_core.judge.reference import challenger_is_its_reference, compare_with_reference, train_reference
+    from mtl_core.judge.reference import compare_with_reference, train_reference
+    from mtl_core.pipeline import challenger_is_its_reference
 
     if challenger_is_its_reference(settings, engine, run["interval_end"]):
         reference = Path(run["challenger_model"])

@@ -25,7 +25,7 @@ from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.data.warehouse import make_engine
 from mtl_core.errors import MtlError
 from mtl_core.local_airflow import run_dag_in_process
-from mtl_core.pipeline import deployed_model_dir
+from mtl_core.pipeline import challenger_is_its_reference, deployed_model_dir
 
 STEPS = ("extract", "validate", "build_features", "train_challenger", "evaluate", "register", "gate")
 # The DAG runs for the intervals ending this many weeks after the shop's start: the first is the first whose
@@ -63,8 +63,6 @@ def run_demo(base: Settings, users: int, items: int, say: Callable[[str], None])
     # The offline references (from scratch on all history up to each run's cut-off). Under the expanding
     # policy a run's challenger is its own reference (same configuration, seed and days). Otherwise they need
     # only the warehouse, so two more processes train them while the DAG runs, sharing the two cores.
-    from mtl_core.judge.reference import challenger_is_its_reference
-
     trained_runs = [
         end.isoformat()
         for number, end in enumerate(weeks, 1)

@@ -104,6 +104,22 @@ def _warehouse(settings: Settings):
     return make_engine(settings.resolved_warehouse_url)
 
 
+def challenger_is_its_reference(settings: Settings, engine, interval_end: Any) -> bool:
+    """Whether the run's own challenger is its offline reference (``judge.reference``), so that training one
+    would repeat it.
+
+    Under the ``expanding`` policy, while the window still reaches back to the first event, the run trains
+    the reference's configuration from random weights with the same seed on the same days: the same model
+    (``tests/unit/test_reference.py`` checks it prediction for prediction).
+    """
+    from mtl_core.judge.reference import first_event
+
+    if settings.pipeline.policy != "expanding":
+        return False
+    first = _as_datetime(first_event(engine)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return training_window(settings, interval_end, engine)[0] == first
+
+
 # ---- the steps ------------------------------------------------------------------------------------------
 def extract(settings: Settings, interval_end: Any) -> Snapshot:
     """The training window ending at the interval's end, as a snapshot (replaced atomically if it exists).

@@ -60,21 +60,6 @@ def train_reference(settings: Settings, engine, interval_end: datetime | str, ou
     return model_dir
 
 
-def challenger_is_its_reference(settings: Settings, engine, interval_end: datetime | str) -> bool:
-    """Whether the run's own challenger is its offline reference, so that training one would repeat it.
-
-    Under the ``expanding`` policy, while the window still reaches back to the first event, the run trains
-    the reference's configuration from random weights with the same seed on the same days: the same model
-    (``tests/unit/test_reference.py`` checks it prediction for prediction).
-    """
-    from mtl_core.pipeline import training_window
-
-    if settings.pipeline.policy != "expanding":
-        return False
-    first = first_event(engine).replace(hour=0, minute=0, second=0, microsecond=0)
-    return training_window(settings, interval_end, engine)[0] == first.replace(tzinfo=None)
-
-
 @dataclass(frozen=True)
 class ReferenceGap:
     """Per task: the reference's AUC on the run's holdout, and the champion's difference from it."""

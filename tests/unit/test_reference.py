@@ -11,14 +11,9 @@ from conftest import tiny_training_env
 from mtl_core.config import load_settings
 from mtl_core.data import warehouse as wh
 from mtl_core.data.shop import ShopSpec, write_shop
-from mtl_core.judge.reference import (
-    challenger_is_its_reference,
-    compare_with_reference,
-    first_event,
-    reference_dir,
-    train_reference,
-)
+from mtl_core.judge.reference import compare_with_reference, first_event, reference_dir, train_reference
 from mtl_core.learn.checkpoint import load_model
+from mtl_core.pipeline import challenger_is_its_reference
 
 
 def test_the_reference_learns_all_history_once_and_scores_a_run_row_for_row(tmp_path, tiny_bert_path):
