@@ -7,7 +7,9 @@ same fresh holdout. A holdout is a sample, so "better" is a statement with an er
 * no task is worse than the champion by ``margin`` AUC or more: every task's one-sided lower bound of the
   AUC difference (DeLong's variance, ``confidence``) lies above ``-margin``; and
 * the tasks together are better: the lower bound of the mean AUC difference over the tasks lies above
-  ``min_gain`` (two trainings of one configuration differ by a few thousandths: no reason for a swap).
+  ``min_gain``. Its variance is the holdout's (DeLong) plus twice ``seed_sd`` squared: two trainings of
+  one configuration that differ only in their seed land a few thousandths apart, which a holdout measures
+  but which is luck, not a better model.
 
 A challenger that some task shows worse (its upper bound below 0), or that gains nothing on average, is
 rejected. One in between (no task shown worse, a positive mean gain, but not enough evidence) is **held**:
@@ -268,7 +270,9 @@ def _evidence_rule(
                 f"{fmt_metric(r['lower_bound'], True)}; {need})"
             )
     mean = sum(r["delta"] for r in rows) / len(rows)
-    mean_se = math.sqrt(sum(r["se"] ** 2 for r in rows)) / len(rows)  # the tasks' holdouts taken as independent
+    holdout_var = sum(r["se"] ** 2 for r in rows) / len(rows) ** 2  # the tasks' holdouts taken as independent
+    seed_var = 2 * settings.seed_sd**2  # two trainings' luck, which no holdout shrinks
+    mean_se = math.sqrt(holdout_var + seed_var)
     mean_low = mean - z * mean_se
     summary = (
         f"mean AUC difference over the tasks {fmt_metric(mean, True)} ({pct} lower bound {fmt_metric(mean_low, True)})"
@@ -285,12 +289,15 @@ def _evidence_rule(
     if short or mean_low <= floor:
         needs = list(short)
         if mean_low <= floor:
-            factor = ((z + z_power) * mean_se / (mean - floor)) ** 2
-            summed["more_data"] = factor
-            needs.append(
-                f"the mean gain is not shown above {fmt_metric(floor, True) if floor else 0} "
-                f"(about {factor:.1f} times this holdout would tell)"
+            factor = _holdout_factor(mean - floor, holdout_var, seed_var, z + z_power)
+            need = (
+                f"about {factor:.1f} times this holdout would tell"
+                if factor is not None
+                else "no holdout would tell: the gain is within what two trainings' seeds alone give"
             )
+            if factor is not None:
+                summed["more_data"] = factor
+            needs.append(f"the mean gain is not shown above {fmt_metric(floor, True) if floor else 0} ({need})")
         return "hold", f"held, champion kept: not enough evidence: {'; '.join(needs)}; {summary}: {details}", summed
     return (
         "promote",
@@ -298,6 +305,16 @@ def _evidence_rule(
         f"{summary}: {details}",
         summed,
     )
+
+
+def _holdout_factor(gain: float, holdout_var: float, seed_var: float, z: float) -> float | None:
+    """How many times this holdout would show ``gain`` with the lower bound's confidence and the power
+    (``z`` is the sum of their normal quantiles), if it is the true gain; None if no holdout would, because
+    the seed variance alone, which more rows do not shrink, already hides it."""
+    room = (gain / z) ** 2 - seed_var  # the variance of the holdout's part that the gain still allows
+    if room <= 0:
+        return None
+    return holdout_var / room
 
 
 def decide(comparison: dict[str, Any], tasks: list[TaskSpec], settings: GateSettings | None = None) -> Decision:
@@ -325,7 +342,8 @@ def decide(comparison: dict[str, Any], tasks: list[TaskSpec], settings: GateSett
         "comparison": (
             f"every task: one-sided {settings.confidence:.0%} lower bound of the AUC difference "
             f"> -{settings.margin:g}; "
-            f"mean over tasks: lower bound > {settings.min_gain:g} (DeLong variance, same holdout)"
+            f"mean over tasks: lower bound > {settings.min_gain:g} (DeLong variance, same holdout, "
+            f"plus 2 x seed_sd^2 = 2 x {settings.seed_sd:g}^2 for two trainings' luck)"
             if settings.rule == "evidence"
             else "challenger_auc > champion_auc + min_delta (strict), on the same holdout"
         ),

@@ -203,6 +203,28 @@ def test_a_gain_smaller_than_two_trainings_differ_by_is_no_reason_to_swap():
     assert decide(evidence(dict.fromkeys(small, 0.006), 0.0005), TASKS).verdict == "promote"
 
 
+def test_two_trainings_luck_widens_the_mean_gains_bound_and_no_holdout_removes_it():
+    gain = {"ctr": 0.006, "cvr": 0.006, "ad_ctr": 0.006, "churn": 0.006}
+    no_luck = GateSettings(min_gain=0.0, seed_sd=0.0)
+    lucky = GateSettings(min_gain=0.0, seed_sd=0.003)
+    # A huge holdout (se 0.0002 per task) shows +0.006 plainly, but two seeds of one configuration differ by
+    # about 0.003 * sqrt(2): the mean's variance adds 2 * 0.003^2, so the bound falls to 0.006 - 1.645 * 0.0042.
+    assert decide(evidence(gain, 0.0002), TASKS, no_luck).verdict == "promote"
+    held = decide(evidence(gain, 0.0002), TASKS, lucky)
+    assert held.verdict == "hold"
+    assert held.rule["mean"]["se"] == pytest.approx(math.sqrt(0.0002**2 / 4 + 2 * 0.003**2))
+    assert "no holdout would tell: the gain is within what two trainings' seeds alone give" in held.reason
+    assert "more_data" not in held.rule["mean"]
+    assert held.rule["seed_sd"] == 0.003 and "2 x 0.003^2" in held.rule["comparison"]
+    # A gain well beyond the seeds' spread is promoted, and a hold short of it says how much more data.
+    assert decide(evidence(dict.fromkeys(gain, 0.012), 0.0002), TASKS, lucky).verdict == "promote"
+    short = decide(evidence(dict.fromkeys(gain, 0.012), 0.012), TASKS, lucky)
+    assert short.verdict == "hold"
+    z = 1.6449 + 0.8416
+    expected = (0.012**2 / 4) / ((0.012 / z) ** 2 - 2 * 0.003**2)
+    assert short.rule["mean"]["more_data"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_evidence_rule_without_a_standard_error_cannot_promote():
     cmp = evidence({"ctr": 0.02, "cvr": 0.02, "ad_ctr": 0.02, "churn": 0.02}, 0.002)
     del cmp["tasks"]["cvr"]["auc_delta"]["se"]

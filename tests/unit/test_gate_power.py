@@ -52,3 +52,14 @@ def test_with_plenty_of_evidence_the_evidence_rule_tells_the_settings_apart():
 def test_rates_come_with_wilson_intervals():
     assert gate_power._rate(0, 20) == {"rate": 0.0, "low": 0.0, "high": 0.161, "trials": 20}
     assert gate_power._rate(10, 20)["low"] == pytest.approx(0.299, abs=1e-3)
+
+
+def test_the_seed_spread_is_the_models_auc_standard_deviation_per_task_and_of_their_mean():
+    rng = np.random.default_rng(1)
+    data = {"ctr": synthetic(5_000, 4, rng), "cvr": synthetic(5_000, 4, rng)}
+    spread = gate_power._seed_spread(data)
+    aucs = np.array([[roc_auc(d["labels"], logit) for logit in d["logits"]] for d in data.values()])
+    assert spread["ctr"] == pytest.approx(np.std(aucs[0], ddof=1), abs=1e-5)
+    assert spread["cvr"] == pytest.approx(np.std(aucs[1], ddof=1), abs=1e-5)
+    assert spread["mean"] == pytest.approx(np.std(aucs.mean(axis=0), ddof=1), abs=1e-5)
+    assert spread["mean"] > 0
