@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_core.config import DEMO_ITEMS, DEMO_USERS
+
 START = date(2026, 1, 5)
 FIRST_WEEK = 5  # the first run's interval ends 5 weeks after the shop's start (the 28-day window's first full one)
 
@@ -42,8 +44,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="shop seed: 1-9 to choose, 101-103 to report")
     parser.add_argument("--weeks", type=int, default=8, help="weekly DAG runs (at least 8)")
     parser.add_argument("--policy", choices=["warm_start", "scratch", "recency", "expanding"], default=None)
-    parser.add_argument("--users", type=int, default=12_000, help="the demo's shop size by default")
-    parser.add_argument("--items", type=int, default=2_500)
+    parser.add_argument("--users", type=int, default=DEMO_USERS, help="the demo's shop size by default")
+    parser.add_argument("--items", type=int, default=DEMO_ITEMS)
     parser.add_argument("--references", choices=["key", "all", "none"], default="key")
     parser.add_argument("--dir", type=Path, default=None, help="installation directory (replaced)")
     parser.add_argument("--config", type=Path, default=None, help="settings YAML")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mtl_core.config import Settings, load_settings
+from mtl_core.config import DEMO_ITEMS, DEMO_USERS, Settings, load_settings
 from mtl_core.errors import MtlError
 from mtl_core.jsonable import to_jsonable
 
@@ -137,8 +137,8 @@ def format_description(info: dict[str, Any]) -> str:
 
 @app.command("demo")
 def demo_command(
-    users: Annotated[int, typer.Option(help="Users of the demo shop")] = 12000,
-    items: Annotated[int, typer.Option(help="Items of the demo shop")] = 2500,
+    users: Annotated[int, typer.Option(help="Users of the demo shop")] = DEMO_USERS,
+    items: Annotated[int, typer.Option(help="Items of the demo shop")] = DEMO_ITEMS,
     config: ConfigOption = None,
 ) -> None:
     """The main job end to end: a drifting shop, three weekly DAG runs, then a corrupted week stopped by validation."""
