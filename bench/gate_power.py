@@ -116,8 +116,9 @@ def main() -> None:
     tasks = list(settings.tasks)
     rng = np.random.default_rng(args.seed)
     rules = {"evidence": GateSettings(), "point": GateSettings(rule="point")}
-    for gain in args.min_gains:  # variants of the evidence rule, to choose the default on a dev shop
-        rules[f"evidence_min_gain_{gain:g}"] = GateSettings(min_gain=gain)
+    # Variants of the evidence rule, to choose the default on a dev shop: each names both of its knobs.
+    for gain in args.min_gains:
+        rules[f"evidence_min_gain_{gain:g}_seed_sd_0"] = GateSettings(min_gain=gain, seed_sd=0.0)
     for sd in args.seed_sds:
         for gain in args.min_gains or [GateSettings().min_gain]:
             rules[f"evidence_min_gain_{gain:g}_seed_sd_{sd:g}"] = GateSettings(min_gain=gain, seed_sd=sd)
@@ -159,8 +160,9 @@ def main() -> None:
             f"bench/gate_power.py --seed {args.seed} --users {args.users} --items {args.items} --models {args.models} "
             f"--trials {args.trials} --holdout-days {days}, on {date.today().isoformat()}"
         )
+        # Each rule's rates with the knobs they were measured with: the gate quotes them only for those.
         rates = {
-            rule: {**values, "measured_by": measured_by}
+            rule: {**values, "measured_by": measured_by, "settings": _knobs(rules[rule])}
             for rule, values in results[f"{days}_days"].items()
             if rule in ("evidence", "point")
         }
@@ -168,6 +170,22 @@ def main() -> None:
         tmp.write_text(json.dumps(rates, indent=2) + "\n")
         tmp.replace(RATES_FILE)
         say(f"wrote {RATES_FILE}")
+
+
+def _knobs(gate) -> dict:
+    """The settings that decide a rule's verdicts (not the floors, which only apply without a champion)."""
+    keys = (
+        "rule",
+        "margin",
+        "min_gain",
+        "seed_sd",
+        "confidence",
+        "min_delta",
+        "require_significance",
+        "max_logloss_increase",
+        "max_ece_increase",
+    )
+    return {key: getattr(gate, key) for key in keys}
 
 
 def say(line: str) -> None:

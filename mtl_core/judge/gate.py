@@ -114,6 +114,23 @@ def measured_error_rates() -> dict[str, Any]:
         return {}
 
 
+def _rates_for(settings: GateSettings) -> tuple[dict[str, Any] | None, str | None]:
+    """The measured error rates of the rule as configured, and why there are none when there are none.
+
+    Rates measured for other knobs (another ``min_gain``, ``seed_sd``, ...) say nothing about this rule,
+    so they are not quoted as its own."""
+    rates = measured_error_rates().get(settings.rule)
+    if not rates:
+        return None, f"the {settings.rule} rule's error rates were never measured (bench/gate_power.py)"
+    measured_with = rates.get("settings") or {}
+    applied = settings.model_dump()
+    differ = {key: value for key, value in measured_with.items() if applied.get(key) != value}
+    if differ:
+        knobs = ", ".join(f"{key} {applied.get(key)} (measured with {value})" for key, value in differ.items())
+        return None, f"error rates not measured for this rule's settings: {knobs}"
+    return rates, None
+
+
 def _standard_error(auc_delta: dict[str, Any]) -> float | None:
     """DeLong's standard error of the difference; from the 95% interval's width for older comparisons."""
     se = _num(auc_delta.get("se"))
@@ -351,8 +368,10 @@ def decide(comparison: dict[str, Any], tasks: list[TaskSpec], settings: GateSett
         "tasks": [task.name for task in tasks],
         **settings.model_dump(),
         "floors": {name: row["floor"] for name, row in per_task.items()},
-        "measured_error_rates": measured_error_rates().get(settings.rule),
     }
+    rule["measured_error_rates"], why_no_rates = _rates_for(settings)
+    if why_no_rates:
+        rule["measured_error_rates_note"] = why_no_rates
     missing = [row for row in per_task.values() if row["mode"] == "missing"]
     floored = [row for row in per_task.values() if row["mode"] == "floor"]
     compared = {name: row for name, row in per_task.items() if row["mode"] == "champion"}

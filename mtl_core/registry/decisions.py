@@ -64,6 +64,8 @@ def describe(
                 if key in rates
             ),
         ]
+    elif decision.rule.get("measured_error_rates_note"):
+        lines += ["", f"Error rates of this rule: none quoted, {decision.rule['measured_error_rates_note']}."]
     tasks = (comparison or {}).get("tasks") or {}
     lifts = {name: entry["single_task"] for name, entry in tasks.items() if entry.get("single_task")}
     if lifts:

@@ -164,8 +164,8 @@ def test_evidence_rule_promotes_a_clear_gain_without_claiming_every_task_beats()
     assert "beats" not in decision.reason
     assert decision.rule["name"] == "every_task_noninferior_and_mean_gain"
     assert decision.rule["mean"]["delta"] == pytest.approx(0.01)
-    # the mean's standard error: sqrt(4 * 0.003^2) / 4
-    assert decision.rule["mean"]["se"] == pytest.approx(0.0015)
+    # the mean's standard error: the holdout's sqrt(4 * 0.003^2) / 4, and two trainings' luck 2 * seed_sd^2
+    assert decision.rule["mean"]["se"] == pytest.approx(math.sqrt(0.0015**2 + 2 * GateSettings().seed_sd ** 2))
     assert decision.per_task["ctr"]["lower_bound"] == pytest.approx(0.01 - 1.6449 * 0.003, abs=1e-4)
 
 
@@ -192,15 +192,16 @@ def test_evidence_rule_rejects_a_task_shown_worse_and_a_challenger_without_gain(
     assert worse.verdict == "reject" and "churn: AUC 0.6900 vs champion 0.7000" in worse.reason
     assert "worse than the champion" in worse.reason and "ctr:" not in worse.reason
     no_gain = decide(evidence({"ctr": 0.001, "cvr": -0.004, "ad_ctr": 0.0, "churn": 0.0}, 0.005), TASKS)
-    assert no_gain.verdict == "reject" and no_gain.reason.startswith("rejected: no gain (+0.0040 is worth a swap)")
+    assert no_gain.verdict == "reject" and no_gain.reason.startswith("rejected: no gain, mean AUC difference")
 
 
-def test_a_gain_smaller_than_two_trainings_differ_by_is_no_reason_to_swap():
+def test_a_gain_below_min_gain_is_no_reason_to_swap():
     small = {"ctr": 0.003, "cvr": 0.003, "ad_ctr": 0.003, "churn": 0.003}
-    decision = decide(evidence(small, 0.0005), TASKS)
+    worth = GateSettings(min_gain=0.004, seed_sd=0.0)
+    decision = decide(evidence(small, 0.0005), TASKS, worth)
     assert decision.verdict == "reject" and "no gain (+0.0040 is worth a swap)" in decision.reason
-    assert decide(evidence(small, 0.0005), TASKS, GateSettings(min_gain=0.0)).verdict == "promote"
-    assert decide(evidence(dict.fromkeys(small, 0.006), 0.0005), TASKS).verdict == "promote"
+    assert decide(evidence(small, 0.0005), TASKS, GateSettings(min_gain=0.0, seed_sd=0.0)).verdict == "promote"
+    assert decide(evidence(dict.fromkeys(small, 0.006), 0.0005), TASKS, worth).verdict == "promote"
 
 
 def test_two_trainings_luck_widens_the_mean_gains_bound_and_no_holdout_removes_it():
@@ -240,6 +241,17 @@ def test_the_record_carries_the_rules_measured_error_rates():
     rates = decision.rule["measured_error_rates"]
     assert set(rates) >= {"aa_promotion", "one_task_worse_promotion", "all_better_promotion", "measured_by"}
     assert 0 <= rates["aa_promotion"]["rate"] <= 1
+    # The stored rates name the knobs they were measured with, and the default rule is that rule.
+    assert rates["settings"]["min_gain"] == GateSettings().min_gain
+    assert rates["settings"]["seed_sd"] == GateSettings().seed_sd
+
+
+def test_rates_measured_for_other_knobs_are_not_quoted_as_the_rules_own():
+    cmp = evidence({"ctr": 0.01, "cvr": 0.01, "ad_ctr": 0.01, "churn": 0.01}, 0.003)
+    other = GateSettings(min_gain=GateSettings().min_gain + 0.001)
+    decision = decide(cmp, TASKS, other)
+    assert decision.rule["measured_error_rates"] is None
+    assert "error rates not measured for this rule's settings: min_gain" in decision.rule["measured_error_rates_note"]
 
 
 # --- the record on the model version (real MLflow on SQLite; no training needed) -------------------------
@@ -287,6 +299,11 @@ def test_record_decision_writes_tags_description_and_comparison_artifact(client,
     assert mv.tags["gate.churn.passed"] == "false" and mv.tags["gate.champion_version"] == "7"
     assert "**Gate: REJECT**" in mv.description and "against champion v7" in mv.description
     assert "| churn | 0.7850 | 0.7900 | -0.0050 |" in mv.description
+    # The point rule's rates were measured without the significance requirement: none are quoted as this rule's.
+    assert (
+        "Error rates of this rule: none quoted, error rates not measured for this rule's settings: "
+        "require_significance True (measured with False)." in mv.description
+    )
 
     local = client.download_artifacts(run_id, "gate/comparison.json", str(tmp_path))
     saved = json.loads(open(local).read())
