@@ -15,7 +15,7 @@ A simulated shop whose users' tastes change mid-way; the real DAG (``mtl run-dag
 It ends with one JSON object: per task the averages over runs, the champion's gap to the reference and to
 the oracle, and the recovery after the drift (the gaps at the two runs after it).
 
-    .venv/bin/python bench/pipeline_quality.py --seed 101 --policy recency [--weeks 8 --users 12000 ...]
+    .venv/bin/python bench/pipeline_quality.py --seed 101 --policy recency [--weeks 8 --users 9000 ...]
 
 Dev shops (seeds 1-9) are for choosing; test shops (101-103) for reporting (README, "How quality is measured").
 """
