@@ -43,9 +43,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# The demo's shop (``mtl demo``): the largest whose four DAG runs finish well inside ten minutes on a 2-core
-# machine (9,000 users: 85, 99 and 128 s). bench/gate_power.py measures the gate at this size, because the
-# gate's error rates depend on how many holdout rows it sees.
+# The demo's shop (``mtl demo``): sized so that the demo ends in about six minutes on a 2-core machine
+# (its DAG runs took 85, 99 and 128 s; at 12,000 users the demo took 18 minutes). bench/gate_power.py
+# measures the gate at this size, because the gate's error rates depend on how many holdout rows it sees.
 DEMO_USERS = 9000
 DEMO_ITEMS = 2000
 
