@@ -20,8 +20,9 @@ Each rate comes with its 95 % Wilson interval. The A/A rate is also taken withou
 ordered pair of trained models on the real holdout, to show that the resampled trials agree.
 
 ``--holdout-days`` may list several widths: the newest N days of the (widest) holdout are the gate's
-evidence. ``--write-rates`` stores the rates at the first width in ``mtl_core/judge/gate_error_rates.json``,
-which every gate decision quotes.
+evidence. ``--write-rates`` (test shops only) adds this shop's rates at the first width to
+``mtl_core/judge/gate_error_rates.json``, which every gate decision quotes: pooled over the test shops
+measured with the same settings, with each shop's own rates and their range.
 
     .venv/bin/python bench/gate_power.py --seed 101 [--models 6 --trials 200 --holdout-days 7 14]
 """
@@ -62,6 +63,11 @@ def main() -> None:
         "--seed-sds", type=float, nargs="*", default=[], help="evidence rule variants: gate.seed_sd values to measure"
     )
     args = parser.parse_args()
+    if args.write_rates and args.seed < 100:
+        parser.error(
+            "--write-rates stores the rates every decision quotes: measure them on a test shop (101-103), "
+            f"not dev shop {args.seed}"
+        )
     began = time.perf_counter()
     root = (args.dir or Path(f"/tmp/mtl-gate-power-{args.seed}")).resolve()
     os.environ["MTL_DATA_DIR"] = str(root)
@@ -160,16 +166,39 @@ def main() -> None:
             f"bench/gate_power.py --seed {args.seed} --users {args.users} --items {args.items} --models {args.models} "
             f"--trials {args.trials} --holdout-days {days}, on {date.today().isoformat()}"
         )
-        # Each rule's rates with the knobs they were measured with: the gate quotes them only for those.
+        stored = json.loads(RATES_FILE.read_text()) if RATES_FILE.exists() else {}
         rates = {
-            rule: {**values, "measured_by": measured_by, "settings": _knobs(rules[rule])}
+            rule: _merged_rates(stored.get(rule), values, _knobs(rules[rule]), args.seed, measured_by)
             for rule, values in results[f"{days}_days"].items()
             if rule in ("evidence", "point")
         }
         tmp = RATES_FILE.with_suffix(".tmp")
         tmp.write_text(json.dumps(rates, indent=2) + "\n")
         tmp.replace(RATES_FILE)
-        say(f"wrote {RATES_FILE}")
+        say(f"wrote {RATES_FILE} (shops {', '.join(rates['evidence']['shops'])})")
+
+
+RATE_KEYS = ("aa_promotion", "aa_promotion_real_pairs", "one_task_worse_promotion", "all_better_promotion")
+
+
+def _merged_rates(stored: dict | None, measured: dict, knobs: dict, seed: int, measured_by: str) -> dict:
+    """A rule's stored rates with this shop's added: each rate pooled over the test shops measured with the
+    same knobs (their trials summed, with the pooled Wilson interval) and the range of the shops' own rates.
+    Rates of other knobs are dropped, since they say nothing of this rule."""
+    shops = dict(stored.get("by_shop", {})) if stored and stored.get("settings") == knobs else {}
+    shops[str(seed)] = {**{key: measured[key] for key in RATE_KEYS}, "measured_by": measured_by}
+    merged: dict = {"settings": knobs, "shops": sorted(shops), "by_shop": shops}
+    for key in RATE_KEYS:
+        per_shop = [shop[key] for shop in shops.values()]
+        successes = sum(round(r["rate"] * r["trials"]) for r in per_shop)
+        pooled = _rate(successes, sum(r["trials"] for r in per_shop))
+        merged[key] = {
+            **pooled,
+            "shop_min": min(r["rate"] for r in per_shop),
+            "shop_max": max(r["rate"] for r in per_shop),
+        }
+    merged["measured_by"] = f"bench/gate_power.py on test shops {', '.join(sorted(shops))}"
+    return merged
 
 
 def _knobs(gate) -> dict:

@@ -55,7 +55,12 @@ def describe(
             "",
             f"Error rates of this rule ({rates.get('measured_by', 'bench/gate_power.py')}): "
             + ", ".join(
-                f"{label} {rates[key]['rate']:.0%} (95% interval {rates[key]['low']:.0%}-{rates[key]['high']:.0%})"
+                f"{label} {rates[key]['rate']:.1%} (95% interval {rates[key]['low']:.1%}-{rates[key]['high']:.1%}"
+                + (
+                    f"; {rates[key]['shop_min']:.1%}-{rates[key]['shop_max']:.1%} shop by shop)"
+                    if "shop_min" in rates[key]
+                    else ")"
+                )
                 for key, label in (
                     ("aa_promotion", "promotes a model no better (A/A)"),
                     ("one_task_worse_promotion", "promotes one 0.01 worse on a task"),

@@ -10,7 +10,7 @@ import pytest
 
 from mtl_core.config import DEFAULT_TASKS, TaskSpec
 from mtl_core.judge.gate import GateError, GateSettings, decide
-from mtl_core.registry.decisions import record_decision
+from mtl_core.registry.decisions import describe, record_decision
 
 TASKS = list(DEFAULT_TASKS)  # ctr, cvr, ad_ctr, churn; floor 0.6 each
 POINT = GateSettings(rule="point")
@@ -244,6 +244,11 @@ def test_the_record_carries_the_rules_measured_error_rates():
     # The stored rates name the knobs they were measured with, and the default rule is that rule.
     assert rates["settings"]["min_gain"] == GateSettings().min_gain
     assert rates["settings"]["seed_sd"] == GateSettings().seed_sd
+    # They are pooled over the test shops, never a dev shop, with each shop's own rate kept.
+    assert rates["shops"] and all(int(shop) > 100 for shop in rates["shops"])
+    assert rates["aa_promotion"]["shop_min"] <= rates["aa_promotion"]["rate"] <= rates["aa_promotion"]["shop_max"]
+    description = describe(decision, 5, 4, {"tasks": {}})
+    assert "promotes a model no better (A/A) " in description and "shop by shop)" in description
 
 
 def test_rates_measured_for_other_knobs_are_not_quoted_as_the_rules_own():

@@ -63,3 +63,28 @@ def test_the_seed_spread_is_the_models_auc_standard_deviation_per_task_and_of_th
     assert spread["cvr"] == pytest.approx(np.std(aucs[1], ddof=1), abs=1e-5)
     assert spread["mean"] == pytest.approx(np.std(aucs.mean(axis=0), ddof=1), abs=1e-5)
     assert spread["mean"] > 0
+
+
+def test_stored_rates_pool_the_test_shops_and_drop_those_of_other_knobs():
+    knobs = {"rule": "evidence", "min_gain": 0.0, "seed_sd": 0.002}
+
+    def measured(aa: int, better: int) -> dict:
+        return {
+            "aa_promotion": gate_power._rate(aa, 200),
+            "aa_promotion_real_pairs": gate_power._rate(0, 30),
+            "one_task_worse_promotion": gate_power._rate(0, 200),
+            "all_better_promotion": gate_power._rate(better, 200),
+        }
+
+    first = gate_power._merged_rates(None, measured(8, 166), knobs, 101, "run on 101")
+    both = gate_power._merged_rates(first, measured(20, 127), knobs, 103, "run on 103")
+    assert both["shops"] == ["101", "103"] and both["aa_promotion"]["trials"] == 400
+    assert both["aa_promotion"]["rate"] == pytest.approx(28 / 400, abs=1e-3)
+    assert (both["aa_promotion"]["shop_min"], both["aa_promotion"]["shop_max"]) == (0.04, 0.1)
+    assert both["all_better_promotion"]["rate"] == pytest.approx(293 / 400, abs=1e-3)
+    # Measured again on 103: replaced, not counted twice.
+    again = gate_power._merged_rates(both, measured(20, 127), knobs, 103, "run on 103")
+    assert again["aa_promotion"]["trials"] == 400
+    # Rates of other knobs say nothing about this rule: they are dropped.
+    other = gate_power._merged_rates(both, measured(2, 150), {**knobs, "seed_sd": 0.003}, 102, "run on 102")
+    assert other["shops"] == ["102"] and other["aa_promotion"]["trials"] == 200
