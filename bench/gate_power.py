@@ -202,19 +202,9 @@ def _merged_rates(stored: dict | None, measured: dict, knobs: dict, seed: int, m
 
 
 def _knobs(gate) -> dict:
-    """The settings that decide a rule's verdicts (not the floors, which only apply without a champion)."""
-    keys = (
-        "rule",
-        "margin",
-        "min_gain",
-        "seed_sd",
-        "confidence",
-        "min_delta",
-        "require_significance",
-        "max_logloss_increase",
-        "max_ece_increase",
-    )
-    return {key: getattr(gate, key) for key in keys}
+    """The settings that decide a rule's verdicts against a champion: all of them but the floors (which only
+    apply without one) and the power (which only sizes a hold's "how much more data")."""
+    return gate.model_dump(exclude={"floors", "power"})
 
 
 def say(line: str) -> None:

@@ -112,6 +112,11 @@ def measured_error_rates() -> dict[str, Any]:
         return json.loads(RATES_FILE.read_text())
     except FileNotFoundError:
         return {}
+    except json.JSONDecodeError as error:
+        raise GateError(
+            f"{RATES_FILE} is not valid JSON ({error}); restore it from git or measure the rates again "
+            "with bench/gate_power.py --write-rates on the test shops"
+        ) from None
 
 
 def _rates_for(settings: GateSettings) -> tuple[dict[str, Any] | None, str | None]:
@@ -276,7 +281,7 @@ def _evidence_rule(
             # How many times this holdout's examples would show the task no worse by the margin, with
             # ``power``, if the difference measured is the true one.
             gap = r["delta"] + m
-            r["more_data"] = ((z + z_power) * r["se"] / gap) ** 2 if gap > 0 else None
+            r["more_data"] = _holdout_factor(gap, r["se"] ** 2, 0.0, z + z_power) if gap > 0 else None
             need = (
                 f"about {r['more_data']:.1f} times this holdout would tell"
                 if r["more_data"]
@@ -307,13 +312,11 @@ def _evidence_rule(
         needs = list(short)
         if mean_low <= floor:
             factor = _holdout_factor(mean - floor, holdout_var, seed_var, z + z_power)
-            need = (
-                f"about {factor:.1f} times this holdout would tell"
-                if factor is not None
-                else "no holdout would tell: the gain is within what two trainings' seeds alone give"
-            )
-            if factor is not None:
+            if factor is None:
+                need = "no holdout would tell: the gain is within what two trainings' seeds alone give"
+            else:
                 summed["more_data"] = factor
+                need = f"about {factor:.1f} times this holdout would tell"
             needs.append(f"the mean gain is not shown above {fmt_metric(floor, True) if floor else 0} ({need})")
         return "hold", f"held, champion kept: not enough evidence: {'; '.join(needs)}; {summary}: {details}", summed
     return (

@@ -346,3 +346,17 @@ def test_an_allowed_override_of_the_gate_is_recorded_on_the_version(client, tmp_
     plain_version, _ = _version(client, tmp_path / "other", name="other_model")
     record_decision(client, "other_model", plain_version, decide(cmp, TASKS, GateSettings()), cmp, champion_version=1)
     assert "gate.overrides" not in client.get_model_version("other_model", plain_version).tags
+
+
+def test_a_damaged_rates_file_stops_the_gate_with_a_message_naming_it(tmp_path, monkeypatch):
+    from mtl_core.judge import gate
+
+    broken = tmp_path / "gate_error_rates.json"
+    broken.write_text('{"evidence": ')
+    monkeypatch.setattr(gate, "RATES_FILE", broken)
+    gate.measured_error_rates.cache_clear()
+    try:
+        with pytest.raises(GateError, match="gate_error_rates.json is not valid JSON .* restore it from git"):
+            decide(evidence({"ctr": 0.01, "cvr": 0.01, "ad_ctr": 0.01, "churn": 0.01}, 0.003), TASKS)
+    finally:
+        gate.measured_error_rates.cache_clear()
