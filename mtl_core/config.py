@@ -179,6 +179,9 @@ class TrainSettings(_Strict):
     evals_per_epoch: int = Field(2, ge=1)
     # Intra-op threads; these small models run fastest on one (more threads mostly add contention).
     threads: int = Field(1, ge=1)
+    # Training processes (torch DistributedDataParallel, one process per rank; gloo on CPU, nccl on GPUs).
+    # 1 trains in the calling process. The DAG's train task uses it too.
+    nproc: int = Field(1, ge=1)
 
 
 class GateSettings(_Strict):
@@ -247,6 +250,9 @@ class PipelineSettings(_Strict):
     # On-call notifications: a URL to POST the failure message to (empty: the task log only).
     webhook_url: str = ""
     retries: int = Field(2, ge=0)
+    # The Celery queue of the train task: bind it to GPU (or big) workers with `airflow celery worker
+    # --queues training` and set this to "training"; every other task stays on the default queue.
+    train_queue: str = "default"
     retry_delay_seconds: int = Field(30, ge=0)
     # Training checkpoints left by runs killed mid-training are removed once older than this.
     checkpoint_retention_days: int = Field(7, ge=0)
