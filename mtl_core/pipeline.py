@@ -124,6 +124,9 @@ def challenger_is_its_reference(settings: Settings, engine, interval_end: Any) -
 def extract(settings: Settings, interval_end: Any) -> Snapshot:
     """The training window ending at the interval's end, as a snapshot (replaced atomically if it exists).
 
+    Its event days come from ``<snapshots_dir>/days``: only days no earlier run extracted, or whose rows changed
+    in the warehouse since (late events), are read (``mtl_core.data.extract``).
+
     Raises ``StoredValueError`` naming the table and column when the warehouse holds a value its schema does
     not allow (a price written as text, a title that is not UTF-8).
     """

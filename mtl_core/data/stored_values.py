@@ -167,14 +167,19 @@ def stored_value_problems(engine: Engine, start: datetime, end: datetime) -> lis
 
 
 def extract_or_explain(
-    engine: Engine, start: str | datetime, end: str | datetime, out_dir: str | Path, pseudonyms: Pseudonymiser
+    engine: Engine,
+    start: str | datetime,
+    end: str | datetime,
+    out_dir: str | Path,
+    pseudonyms: Pseudonymiser,
+    days_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``extract_snapshot``, and when it fails because of stored values, a StoredValueError naming them.
 
     Any other failure is re-raised as it was (a warehouse that cannot answer the diagnosis explains nothing).
     """
     try:
-        return extract.extract_snapshot(engine, start, end, out_dir, pseudonyms)
+        return extract.extract_snapshot(engine, start, end, out_dir, pseudonyms, days_dir=days_dir)
     except Exception as exc:
         try:
             start_at, end_at = extract.parse_instant(start, "start"), extract.parse_instant(end, "end")

@@ -39,7 +39,7 @@ def train_reference(settings: Settings, engine, interval_end: datetime | str, ou
     ``features.holdout_days`` are the run's holdout, which training leaves out exactly as the run's did.
     Uniform weights, random initialisation, the settings' model and training configuration.
     """
-    from mtl_core.data.extract import extract_snapshot
+    from mtl_core.data.extract import DAYS_DIR, extract_snapshot
     from mtl_core.data.pseudonyms import pseudonymiser_for
     from mtl_core.learn.examples import build_examples
     from mtl_core.learn.training import train_model
@@ -50,7 +50,9 @@ def train_reference(settings: Settings, engine, interval_end: datetime | str, ou
     start = first_event(engine).replace(hour=0, minute=0, second=0, microsecond=0)
     end = datetime.fromisoformat(str(interval_end)) if not isinstance(interval_end, datetime) else interval_end
     snapshot = out / "snapshot"
-    extract_snapshot(engine, start.isoformat(), end.isoformat(), snapshot, pseudonymiser_for(settings))
+    # The pipeline's day store: the reference reads the same days as the runs, so most are read already.
+    days = settings.snapshots_dir / DAYS_DIR
+    extract_snapshot(engine, start.isoformat(), end.isoformat(), snapshot, pseudonymiser_for(settings), days_dir=days)
     examples = build_examples(snapshot, settings.features, settings.tasks)
     building = out / "building"
     shutil.rmtree(building, ignore_errors=True)

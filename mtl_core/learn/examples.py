@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtl_core.config import FeatureSettings, TaskSpec
-from mtl_core.data.extract import read_manifest, replace_dir
+from mtl_core.data.extract import SnapshotIntegrityError, read_manifest, read_snapshot_table, replace_dir
 from mtl_core.errors import MtlError
 from mtl_core.jsonable import to_jsonable
 
@@ -222,10 +222,10 @@ class Examples:
 
 # ---------------------------------------------------------------------------------------------------
 def _read(snapshot: Path, table: str, columns: list[str] | None = None) -> pd.DataFrame:
-    path = snapshot / f"{table}.parquet"
-    if not path.is_file():
-        raise FeatureError(f"snapshot {snapshot} has no {table}.parquet (re-extract it with mtl extract)")
-    frame = pq.read_table(path, columns=columns).to_pandas()
+    try:
+        frame = read_snapshot_table(snapshot, table, columns).to_pandas()
+    except SnapshotIntegrityError as exc:
+        raise FeatureError(str(exc)) from None
     for column in frame.columns:
         if isinstance(frame[column].dtype, pd.DatetimeTZDtype):
             frame[column] = frame[column].dt.tz_convert(None).astype("datetime64[us]")

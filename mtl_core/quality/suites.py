@@ -89,10 +89,9 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mtl_core.data import warehouse as wh
-from mtl_core.data.extract import read_manifest, replace_dir
+from mtl_core.data.extract import SnapshotIntegrityError, read_manifest, read_snapshot_table, replace_dir
 from mtl_core.errors import MtlError
 from mtl_core.jsonable import to_jsonable
 from mtl_core.quality.checks import (
@@ -211,13 +210,10 @@ def _manifest(snapshot: Path) -> dict[str, Any]:
 
 
 def _read_table(snapshot: Path, table: str) -> pd.DataFrame:
-    path = snapshot / f"{table}.parquet"
-    if not path.is_file():
-        raise ValidationSetupError(f"{snapshot} is not a complete snapshot: {table}.parquet is missing (re-extract it)")
     try:
-        arrow = pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise ValidationSetupError(f"{path} cannot be read as Parquet: {exc} (re-extract the snapshot)") from None
+        arrow = read_snapshot_table(snapshot, table)  # the window's files of the table, wherever its days live
+    except SnapshotIntegrityError as exc:
+        raise ValidationSetupError(str(exc)) from None
     # Int64 keeps nullable integer ids integers (NumPy would turn a column with a null into float64).
     return arrow.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 

@@ -13,7 +13,14 @@ from support import PSEUDONYMS
 
 from mtl_core.data import extract as ingest
 from mtl_core.data import warehouse as wh
-from mtl_core.data.extract import ExtractionError, describe_snapshot, extract_snapshot, read_manifest
+from mtl_core.data.extract import (
+    ExtractionError,
+    describe_snapshot,
+    extract_snapshot,
+    read_manifest,
+    read_snapshot_table,
+    table_files,
+)
 from mtl_core.data.shop import ShopSpec, write_shop
 
 T0, T1 = datetime(2026, 1, 10), datetime(2026, 1, 17)
@@ -43,7 +50,7 @@ def test_interval_is_half_open(any_url, tmp_path):
     wh.create_schema(engine)
     _events(engine, _edge_rows())
     manifest = extract_snapshot(engine, T0, T1, tmp_path / "snap", pseudonyms=PSEUDONYMS)
-    got = pq.read_table(tmp_path / "snap" / "behavior_events.parquet").to_pandas()
+    got = read_snapshot_table(tmp_path / "snap", "behavior_events").to_pandas()
     assert sorted(got["event_id"]) == [2, 3, 4]
     assert manifest["tables"]["behavior_events"]["rows"] == 3
     assert str(got["ts"].dtype) == "datetime64[us, UTC]"
@@ -80,14 +87,14 @@ def test_same_interval_same_hash_whatever_the_chunking(shop_url, tmp_path):
     # the manifest on disk is the one returned, and the files hold what it counts
     assert read_manifest(tmp_path / "a") == again
     for name, meta in again["tables"].items():
-        assert pq.read_metadata(tmp_path / "a" / meta["file"]).num_rows == meta["rows"], name
+        assert sum(pq.read_metadata(f).num_rows for f in table_files(tmp_path / "a", name)) == meta["rows"], name
 
 
 def test_dimensions_are_taken_as_of_the_interval_end(shop_url, tmp_path):
     engine = wh.make_engine(shop_url)
     extract_snapshot(engine, "2026-01-08", "2026-01-15", tmp_path / "s", pseudonyms=PSEUDONYMS)
-    items = pq.read_table(tmp_path / "s" / "items.parquet").to_pandas()
-    events = pq.read_table(tmp_path / "s" / "behavior_events.parquet").to_pandas()
+    items = read_snapshot_table(tmp_path / "s", "items").to_pandas()
+    events = read_snapshot_table(tmp_path / "s", "behavior_events").to_pandas()
     assert (items["created_ts"] < pd.Timestamp("2026-01-15", tz="UTC")).all()
     assert set(events["item_id"]) <= set(items["item_id"])
 
@@ -109,7 +116,8 @@ def test_interrupted_extraction_leaves_no_snapshot_and_keeps_the_old_one(shop_ur
     with pytest.raises(KeyboardInterrupt):
         extract_snapshot(engine, "2026-01-08", "2026-01-22", out, pseudonyms=PSEUDONYMS)
     assert read_manifest(out) == old  # untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]  # no staging directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["days", "snap"]  # no staging directory left behind
+    assert not [p for p in (tmp_path / "days").rglob("*") if ".tmp-" in p.name]  # nor a half-written day
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "fresh", pseudonyms=PSEUDONYMS)
@@ -144,14 +152,21 @@ def test_a_tampered_snapshot_is_refused_naming_the_table(shop_url, tmp_path):
     engine = wh.make_engine(shop_url)
     manifest = extract_snapshot(engine, "2026-01-08", "2026-01-22", tmp_path / "snap", pseudonyms=PSEUDONYMS)
     assert verify_snapshot(tmp_path / "snap") == manifest  # an untouched snapshot passes
-    path = tmp_path / "snap" / "behavior_events.parquet"
+    path = table_files(tmp_path / "snap", "behavior_events")[3]  # the window's fourth day
     table = pq.read_table(path).to_pandas()
     table.loc[table.index[:5], "user_id"] = 999_999  # a few rows rewritten: same row count, same schema
     table.to_parquet(path, index=False)
-    with pytest.raises(SnapshotIntegrityError, match=r"behavior_events\.parquet .*does not match the manifest"):
+    with pytest.raises(
+        SnapshotIntegrityError, match=r"behavior_events day 2026-01-11 \(.*\) .*does not match the manifest"
+    ):
+        verify_snapshot(tmp_path / "snap")
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(SnapshotIntegrityError, match=r"behavior_events day 2026-01-11 .*cannot be read"):
         verify_snapshot(tmp_path / "snap")
     path.unlink()
-    with pytest.raises(SnapshotIntegrityError, match=r"behavior_events\.parquet is missing"):
+    with pytest.raises(
+        SnapshotIntegrityError, match=r"behavior_events day 2026-01-11 .*day=2026-01-11.parquet\) is missing"
+    ):
         verify_snapshot(tmp_path / "snap")
 
 

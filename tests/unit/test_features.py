@@ -11,7 +11,7 @@ from support import PSEUDONYMS
 
 from mtl_core.config import FeatureSettings, TaskSpec, load_settings
 from mtl_core.data import warehouse as wh
-from mtl_core.data.extract import extract_snapshot
+from mtl_core.data.extract import extract_snapshot, read_snapshot_table
 from mtl_core.data.shop import ShopSpec, write_shop
 from mtl_core.learn.examples import NUMERIC, FeatureError, FeatureSpace, Vocab, build_examples, split_summary
 
@@ -76,7 +76,7 @@ def test_history_features_use_only_earlier_events(shop, examples):
 
 
 def test_history_counts_match_a_brute_force_count(shop, examples):
-    events = pd.read_parquet(shop / "full" / "behavior_events.parquet")
+    events = read_snapshot_table(shop / "full", "behavior_events").to_pandas()
     events["ts"] = events["ts"].dt.tz_convert(None)
     rng = np.random.default_rng(0)
     rows = rng.choice(np.flatnonzero(examples.raw["space"] == "feed"), 25, replace=False)

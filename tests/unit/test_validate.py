@@ -208,11 +208,11 @@ def test_without_previous_snapshot_only_the_minimum_row_count_applies(tmp_path):
 def test_events_outside_the_interval_and_items_from_the_future_fail(shop, tmp_path):
     """Extraction bugs (a time zone shift) cannot come from the warehouse: damage the Parquet directly."""
     snapshot = tmp_path / "shifted"
-    shutil.copytree(shop["week2"], snapshot, ignore=shutil.ignore_patterns("validation"))
-    events = pq.read_table(snapshot / "behavior_events.parquet")
-    shifted = pc.add(events["ts"], pa.scalar(pd.Timedelta(hours=8).to_pytimedelta(), pa.duration("us")))
-    events = events.set_column(events.schema.get_field_index("ts"), "ts", shifted)
-    pq.write_table(events, snapshot / "behavior_events.parquet")
+    ingest.copy_snapshot(shop["week2"], snapshot)  # its own copy of the days: the shared ones stay as they are
+    for path in ingest.table_files(snapshot, "behavior_events"):
+        events = pq.read_table(path)
+        shifted = pc.add(events["ts"], pa.scalar(pd.Timedelta(hours=8).to_pytimedelta(), pa.duration("us")))
+        pq.write_table(events.set_column(events.schema.get_field_index("ts"), "ts", shifted), path)
     items = pq.read_table(snapshot / "items.parquet")
     created = items["created_ts"].to_pylist()
     created[0] = datetime(2026, 3, 1, tzinfo=UTC)
@@ -232,7 +232,7 @@ def test_events_outside_the_interval_and_items_from_the_future_fail(shop, tmp_pa
 
 def test_a_wrong_column_set_and_type_are_reported_not_raised(shop, tmp_path):
     snapshot = tmp_path / "schema"
-    shutil.copytree(shop["week2"], snapshot, ignore=shutil.ignore_patterns("validation"))
+    ingest.copy_snapshot(shop["week2"], snapshot)
     users = pq.read_table(snapshot / "users.parquet").drop_columns(["age_band"])
     users = users.set_column(0, "user_id", pc.cast(users["user_id"], pa.float64()))
     pq.write_table(users.append_column("clicked", pa.array(np.zeros(users.num_rows))), snapshot / "users.parquet")
@@ -249,9 +249,9 @@ def test_a_wrong_column_set_and_type_are_reported_not_raised(shop, tmp_path):
 
 def test_a_table_too_broken_for_the_snapshot_checks_fails_them_instead_of_crashing(shop, tmp_path):
     snapshot = tmp_path / "no_parents"
-    shutil.copytree(shop["week2"], snapshot, ignore=shutil.ignore_patterns("validation"))
-    events = pq.read_table(snapshot / "behavior_events.parquet").drop_columns(["parent_event_id"])
-    pq.write_table(events, snapshot / "behavior_events.parquet")
+    ingest.copy_snapshot(shop["week2"], snapshot)
+    for path in ingest.table_files(snapshot, "behavior_events"):
+        pq.write_table(pq.read_table(path).drop_columns(["parent_event_id"]), path)
 
     with pytest.raises(validate.ValidationFailed) as caught:
         validate.run_validation(snapshot)
@@ -405,7 +405,7 @@ def test_a_directory_that_is_not_a_snapshot_is_a_clear_error(shop, tmp_path):
     with pytest.raises(MtlError, match="is not a snapshot"):
         validate.run_validation(shop["week1"], tmp_path / "nowhere")
     partial = tmp_path / "partial"
-    shutil.copytree(shop["week1"], partial, ignore=shutil.ignore_patterns("validation"))
+    ingest.copy_snapshot(shop["week1"], partial)
     (partial / "items.parquet").unlink()
     with pytest.raises(MtlError, match="items.parquet is missing"):
         validate.run_validation(partial)
