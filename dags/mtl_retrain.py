@@ -6,14 +6,16 @@ happen inside the tasks so the scheduler parses this file fast.
 
 Settings come from ``mtl_core.config`` (defaults < $MTL_CONFIG YAML < MTL_* environment); a run's
 ``conf={"settings": {...}}`` overrides them for that run. The warehouse and MLflow URIs come from the
-Airflow Connections ``mtl_warehouse`` and ``mtl_mlflow`` when they exist, else from the settings; the secret
-key of the user-id pseudonyms from the password of the Connection ``mtl_pseudonym_key`` when it exists.
+Airflow Connections ``mtl_warehouse`` (postgres or sqlite) and ``mtl_mlflow`` (http) when they exist, else
+from the settings (``mtl_mlflow``'s login and password become MLflow's own credentials, never part of the URI);
+the secret key of the user-id pseudonyms from the password of the Connection ``mtl_pseudonym_key`` when it exists.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import urllib.request
 from datetime import timedelta
 
@@ -35,7 +37,7 @@ def run_settings() -> Settings:
     """This run's settings: the files and environment, the run's conf overrides, Airflow Connections."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from mtl_core.config import ConfigError, merge_overrides
+    from mtl_core.config import ConfigError, connection_url, merge_overrides, mlflow_credentials
 
     context = get_current_context()
     try:
@@ -43,10 +45,20 @@ def run_settings() -> Settings:
     except ConfigError as exc:  # a wrong conf stays wrong: fail at once, no retries
         raise AirflowFailException(str(exc)) from None
     updates = {}
-    for conn_id, field in (("mtl_warehouse", "warehouse_url"), ("mtl_mlflow", "mlflow_tracking_uri")):
-        connection = _connection(conn_id)
-        if connection is not None:
-            updates[field] = connection.get_uri()
+    for conn_id, field, purpose in (
+        ("mtl_warehouse", "warehouse_url", "warehouse"),
+        ("mtl_mlflow", "mlflow_tracking_uri", "mlflow"),
+    ):
+        c = _connection(conn_id)
+        if c is None:
+            continue
+        fields = (c.conn_type, c.host, c.port, c.login, c.password, c.schema)
+        try:
+            updates[field] = connection_url(conn_id, purpose, *fields)
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if purpose == "mlflow":  # MLflow reads its server's credentials from its own variables, never the URI
+            os.environ.update(mlflow_credentials(c.login, c.password))
     settings = settings.model_copy(update=updates) if updates else settings
     # The user-id pseudonym key is a secret: the connection's password field, masked by Airflow in logs.
     key_connection = _connection("mtl_pseudonym_key")
@@ -135,7 +147,9 @@ def mtl_retrain():
 
         return pipeline.build_features(run_settings(), Snapshot.load(snapshot), run_id).uri
 
-    @task(**RETRYING)  # a retry resumes from the checkpoint the failed attempt left
+    # A retry resumes from the checkpoint the failed attempt left. The queue lets a team bind training to
+    # GPU (or big) Celery workers; every other task runs on the default queue.
+    @task(queue=SETTINGS.pipeline.train_queue, **RETRYING)
     def train_challenger(example_set: str, run_id=None) -> str:
         from mtl_core import pipeline
         from mtl_core.artifacts import ExampleSet

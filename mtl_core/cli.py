@@ -253,7 +253,7 @@ def run_dag_command(
         _fail(f"--conf is not JSON: {exc}")
     from mtl_core.local_airflow import run_dag_in_process
 
-    states = run_dag_in_process(settings, logical_date, run_conf)
+    states = run_dag_in_process(settings, logical_date, run_conf, quiet=as_json)  # --json: stdout holds only it
     failed = [task for task, state in states.items() if state in ("failed", "upstream_failed")]
     lines = [f"  {task:<18} {state}" for task, state in states.items()]
     _print({"tasks": states, "failed": failed}, as_json, f"mtl_retrain for {logical_date}:\n" + "\n".join(lines))

@@ -435,3 +435,66 @@ def load_settings(config_file: str | Path | None = None, environ: dict[str, str]
     except ValidationError as exc:
         problems = "; ".join(_describe(err, origin, path) for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from None
+
+
+# Connection types of the warehouse (Airflow's names and SQLAlchemy's) and the driver the project speaks.
+_WAREHOUSE_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg", "sqlite": "sqlite"}
+
+
+def connection_url(
+    conn_id: str,
+    purpose: Literal["warehouse", "mlflow"],
+    conn_type: str | None,
+    host: str | None,
+    port: int | None = None,
+    login: str | None = None,
+    password: str | None = None,
+    schema: str | None = None,
+) -> str:
+    """The URL of an Airflow Connection's fields, in the form SQLAlchemy or MLflow accepts.
+
+    Airflow's own ``Connection.get_uri()`` writes ``postgres://``, which SQLAlchemy 2 refuses, and would put
+    the MLflow server's password into the tracking URI, which MLflow logs and stores. The warehouse URL keeps
+    its password (the engine needs it; every message renders it hidden); the MLflow URL never holds one: its
+    login and password go to MLflow's own ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` (``mlflow_credentials``).
+    """
+    from urllib.parse import quote
+
+    kind = (conn_type or "").strip().lower()
+    where = f"the Airflow Connection {conn_id!r} (conn_type {conn_type!r})"
+    if purpose == "warehouse":
+        driver = _WAREHOUSE_DRIVERS.get(kind.split("+")[0].replace("-", "_"))
+        if driver is None:
+            raise ConfigError(f"{where} is not a warehouse the project reads: use conn_type postgres or sqlite")
+        if driver == "sqlite":  # Airflow's SQLite connections hold the file's path in host
+            if not host:
+                raise ConfigError(f"{where} names no SQLite file: put its path in the host field")
+            return f"sqlite:///{host}"
+        if not host or not schema:
+            raise ConfigError(f"{where} needs a host and a schema (the database name) to reach the warehouse")
+        from sqlalchemy.engine import URL
+
+        url = URL.create(driver, username=login or None, password=password or None, host=host, port=port)
+        return url.set(database=schema).render_as_string(hide_password=False)
+    # Airflow has no MLflow connection type, and stores `http` as `generic` unless the http provider is there.
+    if kind not in ("http", "https", "generic", "mlflow", ""):
+        raise ConfigError(f"{where} is not an MLflow tracking server: use conn_type http, https or generic")
+    if not host:
+        raise ConfigError(f"{where} names no host: put the MLflow server's host (or http://host:port) in it")
+    if "://" in host:  # the whole address in the host field, as the Airflow UI lets people type it
+        base = host.rstrip("/")
+    else:
+        scheme = "https" if kind == "https" else "http"
+        base = f"{scheme}://{host}" + (f":{port}" if port else "")
+    path = "/" + quote(schema.strip("/")) if schema else ""
+    return base + path
+
+
+def mlflow_credentials(login: str | None, password: str | None) -> dict[str, str]:
+    """MLflow's own environment variables for an MLflow Connection's login and password (empty: none)."""
+    credentials = {}
+    if login:
+        credentials["MLFLOW_TRACKING_USERNAME"] = login
+    if password:
+        credentials["MLFLOW_TRACKING_PASSWORD"] = password
+    return credentials

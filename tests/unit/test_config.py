@@ -103,3 +103,35 @@ def test_a_runs_conf_cannot_change_what_decides_promotion_unless_allowed(tmp_pat
     assert gate_overrides(allowed, merged)["tasks.churn.floor"] == "0.6 -> 0.0"
     with pytest.raises(ConfigError, match="unknown setting 'trian'"):
         merge_overrides(base, {"trian": {"epochs": 1}})
+
+
+def test_a_connections_fields_become_the_url_sqlalchemy_and_mlflow_accept_without_the_mlflow_password():
+    from mtl_core.config import connection_url, mlflow_credentials
+
+    fields = ("postgres", "db.internal", 5432, "etl", "s3cr@t/pw", "warehouse")
+    url = connection_url("mtl_warehouse", "warehouse", *fields)
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)  # Airflow's own get_uri() says postgres://, which SQLAlchemy 2 refuses
+    assert (parsed.drivername, parsed.host, parsed.port, parsed.database) == (
+        "postgresql+psycopg",
+        "db.internal",
+        5432,
+        "warehouse",
+    )
+    assert parsed.password == "s3cr@t/pw"  # quoted in the URL, intact for the driver
+    assert connection_url("w", "warehouse", "sqlite", "/data/wh.db") == "sqlite:////data/wh.db"
+    mlflow = connection_url("mtl_mlflow", "mlflow", "http", "mlflow", 5000, "bot", "pw-123", None)
+    assert mlflow == "http://mlflow:5000" and "pw-123" not in mlflow
+    assert connection_url("m", "mlflow", "generic", "https://ml.example.org/", None) == "https://ml.example.org"
+    assert mlflow_credentials("bot", "pw-123") == {
+        "MLFLOW_TRACKING_USERNAME": "bot",
+        "MLFLOW_TRACKING_PASSWORD": "pw-123",
+    }
+    for bad, match in (
+        (("w", "warehouse", "mysql", "h", 3306, None, None, "db"), "conn_type postgres or sqlite"),
+        (("w", "warehouse", "postgres", "h", 5432, None, None, None), "schema"),
+        (("m", "mlflow", "postgres", "h"), "http, https or generic"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            connection_url(*bad)
