@@ -134,9 +134,15 @@ def _chunks(engine: Engine, table: Table, stmt, chunk_rows: int, pseudonyms: Pse
             )
 
 
-def _rows_digest(batch: pa.Table) -> bytes:
-    """Per-row hashes, so the table digest does not depend on how the rows were chunked."""
-    frame = batch.to_pandas(types_mapper=None)
+def _rows_digest(batch: pa.Table, legacy: bool = False) -> bytes:
+    """Per-row hashes, so the table digest does not depend on how the rows were chunked.
+
+    Integers are hashed as pandas' nullable Int64, which hashes a value as NumPy's int64 does whether or not
+    the chunk holds a null. Format 1 hashed plain NumPy columns, where a chunk with a null in an integer column
+    turned floats and hashed otherwise, so its digests depended on where chunks ended (``legacy``: verify them
+    as they were made). Days written under different ``chunk_rows`` must add up to one window digest.
+    """
+    frame = batch.to_pandas(types_mapper=None if legacy else {pa.int64(): pd.Int64Dtype()}.get)
     return pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
 
 
@@ -498,11 +504,11 @@ def verify_snapshot(snapshot_dir: str | Path) -> dict[str, Any]:
                 "was edited after extraction; re-extract the interval (mtl extract)"
             )
         for part in parts:
-            _verify_part(snapshot, name, part)
+            _verify_part(snapshot, name, part, legacy=manifest.get("format_version", 1) < 2)
     return manifest
 
 
-def _verify_part(snapshot: Path, table: str, part: dict[str, Any]) -> None:
+def _verify_part(snapshot: Path, table: str, part: dict[str, Any], legacy: bool) -> None:
     label = _part_label(snapshot, table, part)
     path = snapshot / part["file"]
     if not path.is_file():
@@ -513,11 +519,10 @@ def _verify_part(snapshot: Path, table: str, part: dict[str, Any]) -> None:
         parquet = pq.ParquetFile(path)
         digest = _new_digest(parquet.schema_arrow)
         rows = 0
-        # One row group per chunk extraction wrote, hashed as that chunk was: a chunk whose integer column
-        # holds a null becomes floats in pandas, so the digest depends on where the chunks end.
+        # Row group by row group, so memory holds one chunk; format 1's digests need the chunks as written.
         for group in range(parquet.num_row_groups):
             piece = parquet.read_row_group(group)
-            digest.update(_rows_digest(piece))
+            digest.update(_rows_digest(piece, legacy))
             rows += piece.num_rows
     except (OSError, pa.ArrowException) as exc:
         raise SnapshotIntegrityError(

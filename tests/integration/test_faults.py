@@ -68,8 +68,8 @@ def test_a_connection_dropped_mid_extract_leaves_the_old_snapshot_and_the_retry_
                     )
 
     monkeypatch.setattr(extract, "_chunks", dropping)
-    with pytest.raises(ExtractionError) as failed:
-        extract_snapshot(engine, "2026-01-05", "2026-02-02", out, PSEUDONYMS, chunk_rows=2000)
+    with pytest.raises(ExtractionError) as failed:  # a day holds ~600 events: three chunks of 200 each
+        extract_snapshot(engine, "2026-01-05", "2026-02-02", out, PSEUDONYMS, chunk_rows=200)
     assert dropped and all(dropped)
     message = str(failed.value)
     assert "reading table behavior_events" in message and "is as it was" in message, message
@@ -78,7 +78,7 @@ def test_a_connection_dropped_mid_extract_leaves_the_old_snapshot_and_the_retry_
 
     monkeypatch.setattr(extract, "_chunks", real_chunks)
     engine.dispose()  # the pool's connections were terminated too
-    retried = extract_snapshot(engine, "2026-01-05", "2026-02-02", out, PSEUDONYMS, chunk_rows=2000)
+    retried = extract_snapshot(engine, "2026-01-05", "2026-02-02", out, PSEUDONYMS, chunk_rows=200)
     undisturbed = extract_snapshot(engine, "2026-01-05", "2026-02-02", tmp_path / "straight", PSEUDONYMS)
     assert retried["content_hash"] == undisturbed["content_hash"] != old["content_hash"]
     verify_snapshot(out)
@@ -108,8 +108,10 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(where)], check=False)
 
 
-def _size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+def _size(snapshot: Path) -> int:
+    """Bytes of a snapshot: its folder and its event days, which live in the day store beside it."""
+    days = [path for table in wh.EVENT_TABLES for path in extract.table_files(snapshot, table)]
+    return sum(p.stat().st_size for p in [*snapshot.rglob("*"), *days] if p.is_file())
 
 
 def test_a_full_disk_while_writing_a_snapshot_is_a_clear_error_and_older_snapshots_stay_whole(small_disk, tmp_path):

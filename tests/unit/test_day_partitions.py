@@ -6,6 +6,7 @@ A handful of events over six days (eight a day), on SQLite and on PostgreSQL (``
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -37,13 +38,18 @@ TYPES = ("impression", "impression", "click", "impression", "purchase", "favorit
 def _insert(engine, first_id: int, times: list[datetime]) -> None:
     n = len(times)
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
+    kinds = [TYPES[i % len(TYPES)] for i in ids]
     columns = {
         "event_id": ids,
         "user_id": 1 + ids % 7,
         "item_id": 1 + ids % 5,
-        "event_type": np.asarray([TYPES[i % len(TYPES)] for i in ids], dtype=object),
+        "event_type": np.asarray(kinds, dtype=object),
         "ts": np.asarray(times, dtype="datetime64[us]"),
         "session_id": ids // 4,
+        # NULL for impressions: a chunk of a few rows may hold none, one of a day always some
+        "parent_event_id": np.asarray(
+            [None if k == "impression" else int(i) - 1 for k, i in zip(kinds, ids, strict=True)], dtype=object
+        ),
     }
     with engine.begin() as conn:
         wh.bulk_insert(conn, wh.behavior_events, columns)
@@ -145,7 +151,8 @@ def test_the_window_digest_is_the_days_content(warehouse, tmp_path):
     span = (DAY0, DAY0 + timedelta(days=DAYS))
     first = extract_snapshot(warehouse, *span, tmp_path / "one" / "w", PSEUDONYMS)
     reused = extract_snapshot(warehouse, *span, tmp_path / "one" / "w2", PSEUDONYMS)
-    fresh = extract_snapshot(warehouse, *span, tmp_path / "two" / "w", PSEUDONYMS, chunk_rows=3)  # own day store
+    # its own day store, chunks of 3 rows: some with a NULL parent_event_id, some without
+    fresh = extract_snapshot(warehouse, *span, tmp_path / "two" / "w", PSEUDONYMS, chunk_rows=3)
     assert set(_this_run(reused).values()) == {"reused"} and set(_this_run(fresh).values()) == {"extracted"}
     assert first["content_hash"] == reused["content_hash"] == fresh["content_hash"]
     shorter = extract_snapshot(warehouse, DAY0, span[1] - timedelta(days=1), tmp_path / "one" / "w3", PSEUDONYMS)
@@ -246,3 +253,24 @@ def test_postgresql_streams_rows_through_a_server_side_cursor(pg_url, tmp_path, 
     assert manifest["tables"]["behavior_events"]["rows"] == 500
     assert max(fetched) <= 64 and sum(fetched) >= 500
     engine.dispose()
+
+
+def test_a_format_1_snapshot_one_file_per_table_still_reads_and_verifies(warehouse, tmp_path):
+    """Snapshots made before day partitions: one file per table, digests of chunks as NumPy hashed them."""
+    extract_snapshot(warehouse, DAY0, DAY0 + timedelta(days=DAYS), tmp_path / "new", PSEUDONYMS)
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = {"format_version": 1, "interval": {}, "content_hash": "", "tables": {}}
+    for name in wh.SOURCE_TABLES:
+        rows = read_snapshot_table(tmp_path / "new", name)
+        pq.write_table(rows, old / f"{name}.parquet", row_group_size=5)  # chunks of 5: some without a NULL
+        digest = ingest._new_digest(rows.schema)
+        parquet = pq.ParquetFile(old / f"{name}.parquet")
+        for group in range(parquet.num_row_groups):
+            digest.update(ingest._rows_digest(parquet.read_row_group(group), legacy=True))
+        meta = {"file": f"{name}.parquet", "rows": rows.num_rows, "sha256": digest.hexdigest()}
+        manifest["tables"][name] = meta
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_snapshot(old) == manifest
+    assert read_snapshot_table(old, "behavior_events").num_rows == DAYS * PER_DAY
+    assert table_files(old, "users") == [old / "users.parquet"]
