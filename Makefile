@@ -35,6 +35,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/simulate_extract.py
+	$(BIN)/python bench/extract.py
 
 ## Check docker/ without a docker engine (nothing is built or started), in a virtualenv of its own:
 ##  1. docker-compose 1.29.2 (the last Python Compose) resolves docker-compose.yml with docker/.env.example
