@@ -173,6 +173,9 @@ def train_command(
     single_task: Annotated[str | None, typer.Option("--single-task", help="Train one task's baseline only")] = None,
     warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Start from this model's weights")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out")] = False,
+    nproc: Annotated[
+        int | None, typer.Option(min=1, help="Training processes (DistributedDataParallel); default train.nproc")
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -180,6 +183,8 @@ def train_command(
     from mtl_core.learn.training import train_on_snapshot
 
     settings = _settings(config)
+    if nproc is not None:
+        settings = settings.model_copy(update={"train": settings.train.model_copy(update={"nproc": nproc})})
     result = train_on_snapshot(
         snapshot,
         out,
@@ -189,6 +194,8 @@ def train_command(
         resume=resume,
         progress=not as_json and sys.stderr.isatty(),
     )
+    if result.rank != 0:  # torchrun runs this command once per rank; rank 0 reports for all of them
+        return
     payload = result.as_dict()
     text = "\n".join(
         [f"model written to {out} after {result.steps} steps ({result.seconds:.0f} s; best at step {result.best_step})"]

@@ -10,6 +10,7 @@ functions) for early stopping. Modules:
 * ``losses``: per-task losses and the task weighting strategies;
 * ``batches``: examples as tensors, the mixed-task sampler, batched inference;
 * ``training``: the training loop (early stopping, warm start, transfer blend);
+* ``distributed``: training across processes and GPUs (DistributedDataParallel under spawn or torchrun);
 * ``checkpoint``: model directories and training checkpoints, and ``load_model``.
 """
 

@@ -26,6 +26,16 @@ class Batch:
     text: torch.Tensor | None  # [B, dim] text vectors, or [distinct texts, words, dim] word vectors
     text_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # fine-tuning: ids, mask, inverse
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (a GPU rank's); batches are assembled on the CPU, where the examples live."""
+        return Batch(
+            inputs={name: tensor.to(device) for name, tensor in self.inputs.items()},
+            labels=self.labels.to(device),
+            drawn_for=self.drawn_for.to(device),
+            text=self.text.to(device) if self.text is not None else None,
+            text_tokens=tuple(t.to(device) for t in self.text_tokens) if self.text_tokens is not None else None,
+        )
+
 
 class TensorData:
     """The examples as tensors, and batch assembly by row index."""
@@ -143,9 +153,11 @@ class TaskSampler:
 def predict(model: MultiTaskModel, data: TensorData, rows: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     """Probabilities [len(rows), T] (each task's own head; cvr is p(buy | click))."""
     model.eval()
+    device = next(model.parameters()).device
+    batches = (data.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
     out = [
-        torch.sigmoid(model(b.inputs, b.text, b.text_tokens))
-        for b in (data.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+        torch.sigmoid(model(b.inputs, b.text, b.text_tokens)).cpu()
+        for b in (b if device.type == "cpu" else b.to(device) for b in batches)
     ]
     model.train()
     return torch.cat(out).numpy() if out else np.zeros((0, len(model.task_names)), dtype=np.float32)

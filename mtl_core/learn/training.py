@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mtl_core.config import Settings, TaskSpec
 from mtl_core.data.extract import verify_snapshot
 from mtl_core.judge.metrics import fit_logistic, task_metrics
-from mtl_core.learn import TrainingError
+from mtl_core.learn import TrainingError, distributed
 from mtl_core.learn.batches import Batch, TaskSampler, TensorData, predict
 from mtl_core.learn.checkpoint import (
     CHECKPOINT_FILE,
@@ -72,17 +72,28 @@ def seed_everything(seed: int) -> None:
 
 
 def joint_losses(
-    model: MultiTaskModel, batch: Batch, residual_pairs: list[tuple[int, int, float]]
+    model: MultiTaskModel,
+    batch: Batch,
+    residual_pairs: list[tuple[int, int, float]],
+    forward: torch.nn.Module | None = None,
+    scale: distributed.LossScale | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-task losses on the rows drawn for each task, the unweighted extra terms (ESMM, residual), and
-    which tasks had rows in the batch."""
-    logits = model(batch.inputs, batch.text, batch.text_tokens)
+    which tasks had rows in the batch.
+
+    Across processes ``forward`` is the model under DistributedDataParallel and ``scale`` turns this rank's
+    means into its share of the global batch's (``distributed.shard_batch``); presence is then the global
+    batch's too.
+    """
+    logits = (forward or model)(batch.inputs, batch.text, batch.text_tokens)
     n_tasks = logits.shape[1]
     defined = ~torch.isnan(batch.labels)
     labels = torch.nan_to_num(batch.labels, nan=0.0)
-    drawn = batch.drawn_for.unsqueeze(1) == torch.arange(n_tasks).unsqueeze(0)
+    drawn = batch.drawn_for.unsqueeze(1) == torch.arange(n_tasks, device=logits.device).unsqueeze(0)
     task_mask = drawn & defined
     task_losses = masked_bce(logits, labels, task_mask)
+    if scale is not None:
+        task_losses = task_losses * scale.tasks.to(task_losses)
     extra = logits.new_zeros(())
     if model.esmm_pair is not None:
         first, second = model.esmm_pair
@@ -91,10 +102,16 @@ def joint_losses(
         if rows.any():
             both = labels[rows, first] * labels[rows, second]
             p = torch.sigmoid(logits[rows, first]) * torch.sigmoid(logits[rows, second])
-            extra = extra + torch.nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), both)
-    if residual_pairs:
+            esmm = torch.nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), both)
+            extra = extra + (esmm if scale is None else esmm * scale.esmm)
+    if residual_pairs and scale is None:
         extra = extra + residual_term(torch.sigmoid(logits), labels, defined, residual_pairs)
-    return task_losses, extra, task_mask.any(dim=0)
+    elif residual_pairs:
+        probs = torch.sigmoid(logits)
+        for pair, factor in zip(residual_pairs, scale.pairs, strict=True):
+            extra = extra + residual_term(probs, labels, defined, [pair]) * factor
+    present = task_mask.any(dim=0) if scale is None else scale.present.to(task_mask.device)
+    return task_losses, extra, present
 
 
 def evaluate_split(model: MultiTaskModel, data: TensorData, examples: Examples, split: str) -> dict[str, Any]:
@@ -145,6 +162,8 @@ class TrainResult:
     examples: dict[str, dict[str, int]]
     # The checkpoint's step this run continued from (0: it started afresh).
     resumed_from_step: int = 0
+    # The process's rank in a training across processes: the model directory is rank 0's, and so is the report.
+    rank: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -205,9 +224,42 @@ def train_model(
     A single-task baseline gets the joint model's optimiser budget: an epoch is as many steps as the joint
     model's, counted on every configured task's training rows, and so are its evaluations and patience.
     A baseline cut to its own task's rows would train a small task (cvr) for a fraction of the steps.
+
+    With ``train.nproc`` > 1 the training runs in that many new processes under DistributedDataParallel
+    (``learn.distributed``); launched by torchrun, this process is one rank of torchrun's group.
     """
     began = time.perf_counter()
+    group = distributed.current_group()
+    arguments = (examples, out_dir, settings, single_task, warm_start, resume, progress, source, recency_half_life_days)
+    try:
+        distributed.check_weighting(settings.train.weighting, group.world if group else settings.train.nproc)
+        if group is None and settings.train.nproc > 1:
+            _select_tasks(settings, single_task)  # a wrong --single-task is this process's error, not every rank's
+            result = distributed.launch(train_model, settings.train.nproc, arguments)
+            # The run's wall time, the processes' start and the examples' hand-over included.
+            return dataclasses.replace(result, seconds=time.perf_counter() - began)
+        return _train(*arguments, group=group, began=began)
+    finally:
+        if group is not None and group.torchrun:
+            distributed.leave()  # joined by current_group() for this training; a spawned rank leaves on its own
+
+
+def _train(
+    examples: Examples,
+    out_dir: str | Path,
+    settings: Settings,
+    single_task: str | None,
+    warm_start: str | Path | None,
+    resume: bool,
+    progress: bool,
+    source: str | Path | None,
+    recency_half_life_days: float | None,
+    group: distributed.Group | None,
+    began: float,
+) -> TrainResult:
+    """``train_model``'s training, in this process: the whole of it, or one rank's part (``group``)."""
     cfg = settings.train
+    main = group is None or group.main
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     tasks = _select_tasks(settings, single_task)
@@ -241,7 +293,10 @@ def train_model(
         data = TensorData(examples, space, None, tokens)
         text_in = encoder.dim
     else:
-        texts = text_matrix(examples.texts, settings, cache_dir, progress) if settings.text.enabled else None
+        with distributed.main_first(group):  # rank 0 fills the text cache, the other ranks then read it
+            texts = (
+                text_matrix(examples.texts, settings, cache_dir, progress and main) if settings.text.enabled else None
+            )
         data = TensorData(examples, space, texts)
         text_in = texts.shape[-1] if texts is not None else 0
     model = build_model(
@@ -270,6 +325,8 @@ def train_model(
             else torch.from_numpy(text_matrix(examples.texts, settings, cache_dir, False, encoder))
         )
         model.inputs.set_text_statistics(initial[1:])
+    device = group.device if group is not None else torch.device("cpu")
+    model.to(device)
 
     task_rows = [all_rows[task.name] for task in tasks]
     temperature = cfg.temperature if cfg.sampling == "temperature" else 1.0
@@ -280,7 +337,7 @@ def train_model(
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     weighting = make_weighting(
         cfg.weighting, examples.task_names, [t.weight for t in tasks], [len(r) for r in task_rows], cfg.gradnorm_alpha
-    )
+    ).to(device)
     # The weighting's own parameters (log variances, GradNorm weights) get no weight decay: it would pull them to 0.
     optimizer = torch.optim.AdamW(
         [{"params": list(model.parameters())}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
@@ -294,18 +351,33 @@ def train_model(
     residual_pairs = resolve_pairs(active_pairs, examples.task_names)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:  # rank 0 alone writes: the checkpoints and the model directory
+        out.mkdir(parents=True, exist_ok=True)
     step, best_value, best_step, best_state, best_metrics, stale = 0, float("-inf"), 0, None, {}, 0
     history: list[dict[str, Any]] = []
     checkpoint_path = out / CHECKPOINT_FILE
-    if resume and checkpoint_path.is_file():
+    if group is not None:
+        # The ranks' models start equal (DistributedDataParallel copies rank 0's weights), their dropout masks not.
+        torch.manual_seed(distributed.rank_seed(cfg.seed, group.rank))
+    state = None
+    if resume and group is None and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
+    elif resume and group is not None:
+        # Rank 0 reads the checkpoint (only its disk need hold it) and every rank continues from that state.
+        state = group.broadcast(load_checkpoint(checkpoint_path) if main and checkpoint_path.is_file() else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         weighting.load_state_dict(state["weighting"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        rank_rngs = state.get("rank_rngs")
+        if group is None:
+            torch.set_rng_state(state["torch_rng"])
+        elif rank_rngs is not None and len(rank_rngs) == group.world:
+            torch.set_rng_state(rank_rngs[group.rank])
+        else:  # a checkpoint of another number of processes: fresh masks, not a replay of the first steps'
+            torch.manual_seed(distributed.rank_seed(cfg.seed + state["step"], group.rank))
         step, best_value, best_step = state["step"], state["best_value"], state["best_step"]
         best_state, best_metrics, stale, history = (
             state["best_state"],
@@ -323,75 +395,104 @@ def train_model(
         return TensorData(examples, space, text_matrix(examples.texts, settings, cache_dir, False, encoder))
 
     shared = [model.last_shared_layer()] if cfg.weighting == "gradnorm" else model.shared_parameters()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
+    forward = group.wrap(model) if group is not None else None
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), desc="train", unit="step")
     running = np.zeros(len(tasks))
     model.train()
     while step < total_steps and (cfg.patience == 0 or stale <= cfg.patience):
         rows, drawn_for = sampler.draw()
+        scale = None
+        if group is not None:  # every rank drew the same global batch; this rank trains on its shard of it
+            rows, drawn_for, scale = distributed.shard_batch(
+                rows, drawn_for, examples.labels, group, model.esmm_pair, residual_pairs
+            )
         batch = data.batch(rows, drawn_for)
+        if device.type != "cpu":
+            batch = batch.to(device)
         optimizer.zero_grad(set_to_none=True)
-        task_losses, extra, present = joint_losses(model, batch, residual_pairs)
+        task_losses, extra, present = joint_losses(model, batch, residual_pairs, forward, scale)
         weighting.backward(task_losses, shared, extra, present=present)
+        if group is not None:
+            group.average_gradients(list(weighting.parameters()))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        running = 0.98 * running + 0.02 * task_losses.detach().numpy() if step > 1 else task_losses.detach().numpy()
+        # Across processes each rank averages its own (scaled) losses; the mean of the ranks' running averages,
+        # taken at each evaluation, is the global batch's running average, without a collective every step.
+        losses = task_losses.detach().cpu().numpy()
+        running = 0.98 * running + 0.02 * losses if step > 1 else losses
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix({name: f"{running[i]:.4f}" for i, name in enumerate(examples.task_names)})
         if step % eval_every == 0 or step == total_steps:
-            scoring = scoring_data()
-            metrics = evaluate_split(model, scoring, examples, "valid")
-            value = criterion_value(metrics, cfg.early_stopping_metric)
-            history.append(
-                {
+            rank_rngs = group.gather(torch.get_rng_state()) if group is not None else None
+            train_loss = running if group is None else group.mean(torch.from_numpy(running)).numpy()
+            if main:
+                scoring = scoring_data()
+                metrics = evaluate_split(model, scoring, examples, "valid")
+                value = criterion_value(metrics, cfg.early_stopping_metric)
+                history.append(
+                    {
+                        "step": step,
+                        "criterion": value,
+                        "train_loss": dict(zip(examples.task_names, map(float, train_loss), strict=True)),
+                        "valid": metrics,
+                    }
+                )
+                if value > best_value:
+                    best_value, best_step, best_metrics, stale = value, step, metrics, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "weighting": weighting.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
                     "step": step,
-                    "criterion": value,
-                    "train_loss": dict(zip(examples.task_names, map(float, running), strict=True)),
-                    "valid": metrics,
+                    "best_value": best_value,
+                    "best_step": best_step,
+                    "best_state": best_state,
+                    "best_metrics": best_metrics,
+                    "stale": stale,
+                    "history": history,
                 }
-            )
-            if value > best_value:
-                best_value, best_step, best_metrics, stale = value, step, metrics, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "weighting": weighting.state_dict(),
-                "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-                "best_value": best_value,
-                "best_step": best_step,
-                "best_state": best_state,
-                "best_metrics": best_metrics,
-                "stale": stale,
-                "history": history,
-            }
-            save_checkpoint(checkpoint_path, state)
+                if group is not None:
+                    state["rank_rngs"] = rank_rngs  # each rank's dropout stream, for a resume with as many ranks
+                save_checkpoint(checkpoint_path, state if device.type == "cpu" else distributed.to_cpu(state))
+            if group is not None:
+                # Rank 0's decision for all: every rank stops at the same step, none waits for a missing one.
+                stale = group.broadcast(stale)
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    if model.transfer_blend is not None:
-        # The blend is fitted on the validation split, so the validation metrics stay the checkpoint's from
-        # before it: scored after it they would be in-sample. The holdout tells what the saved model does.
-        fit_transfer_blend(model, scoring_data(), examples)
-    save_model(out, model, space, settings, tasks, best_metrics)
-    checkpoint_path.unlink(missing_ok=True)
-    return TrainResult(
-        model_dir=out,
-        metrics=best_metrics,
-        best_step=best_step,
-        steps=step,
-        seconds=time.perf_counter() - began,
-        history=history,
-        examples=counts,
-        resumed_from_step=resumed_from_step,
-    )
+    result = None
+    if main:
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.cpu()  # the model directory loads on any machine
+        if model.transfer_blend is not None:
+            # The blend is fitted on the validation split, so the validation metrics stay the checkpoint's from
+            # before it: scored after it they would be in-sample. The holdout tells what the saved model does.
+            fit_transfer_blend(model, scoring_data(), examples)
+        save_model(out, model, space, settings, tasks, best_metrics)
+        checkpoint_path.unlink(missing_ok=True)
+        result = TrainResult(
+            model_dir=out,
+            metrics=best_metrics,
+            best_step=best_step,
+            steps=step,
+            seconds=time.perf_counter() - began,
+            history=history,
+            examples=counts,
+            resumed_from_step=resumed_from_step,
+        )
+    if group is not None:
+        # Every rank returns rank 0's result (a torchrun launch runs the caller on every rank); only rank 0's
+        # caller reports it (``TrainResult.rank``).
+        result = dataclasses.replace(group.broadcast(result), rank=group.rank)
+    return result
 
 
 def recency_weights(examples: Examples, rows: np.ndarray, half_life_days: float) -> np.ndarray:
