@@ -266,17 +266,21 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), kwargs: dict[st
     mtl_logger = logging.getLogger("mtl_core")
     logging_wanted = bool(logging.getLogger().handlers or mtl_logger.handlers)
     setup = (nproc, port, mtl_logger.getEffectiveLevel(), logging_wanted)
-    processes = [
-        context.Process(target=_rank_main, args=(rank, setup, fn, args, kwargs or {}, reports), name=f"mtl-rank-{rank}")
-        for rank in range(nproc)
-    ]
+    with _children_allowed():  # a process copies its launcher's key when it is made, not when it starts
+        processes = [
+            context.Process(
+                target=_rank_main, args=(rank, setup, fn, args, kwargs or {}, reports), name=f"mtl-rank-{rank}"
+            )
+            for rank in range(nproc)
+        ]
     log.info("training in %d processes (ranks 0-%d on 127.0.0.1:%d)", nproc, nproc - 1, port)
     received: list[tuple] = []
     failed = None
     try:
         for process in processes:
             try:
-                process.start()
+                with _children_allowed():
+                    process.start()
             except AssertionError as exc:  # multiprocessing's "daemonic processes are not allowed to have children"
                 raise TrainingError(
                     f"train.nproc = {nproc} cannot start its training processes from this one ({exc}): train "
@@ -361,6 +365,42 @@ def _quiet_unless_main(rank: int) -> None:
     # launcher, which names the rank.
     if rank != 0:
         logging.getLogger("mtl_core").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Let a Celery worker's task (where the DAG's train task runs) start the ranks, and spawn them clean.
+
+    Celery's pool (billiard) runs tasks in daemonic processes and puts its own authentication key type into
+    this process's multiprocessing state. multiprocessing refuses children to a daemonic process, so that
+    none is orphaned when it ends without cleaning up; on Linux every rank asks the kernel to end it with its
+    launcher (``_die_with_parent``), which is that guarantee, so the refusal is lifted while the ranks start
+    (elsewhere it stands). And spawning pickles the key, which only the standard library's type allows then.
+    """
+    from multiprocessing.process import AuthenticationString
+
+    config = multiprocessing.current_process()._config
+    saved = dict(config)
+    # A spawned process first runs its launcher's main script again, unless that is a module it can import by
+    # name. Under Airflow the script is the `airflow` command, which would set Airflow up again in every rank,
+    # and a task's environment denies it the metadata database: the rank dies before it trains. The ranks
+    # run a function of this package, so they need nothing of the script: hide it while they are made.
+    main = sys.modules["__main__"]
+    main_file, main_spec = main.__dict__.get("__file__"), getattr(main, "__spec__", None)
+    hide_main = main_file is not None and main_spec is None and getattr(main, "__name__", "") == "__main__"
+    if hide_main:
+        del main.__file__
+    if config.get("daemon") and sys.platform.startswith("linux"):
+        config["daemon"] = False
+    if config.get("authkey") is not None and not isinstance(config["authkey"], AuthenticationString):
+        config["authkey"] = AuthenticationString(bytes(config["authkey"]))
+    try:
+        yield
+    finally:
+        config.clear()
+        config.update(saved)
+        if hide_main:
+            main.__file__ = main_file
 
 
 def _die_with_parent() -> None:

@@ -88,6 +88,8 @@ def airflow_stack(executor: str, root, tiny_bert_path):
         for budget in ("MTL_TRAIN__EPOCHS", "MTL_TRAIN__STEPS_PER_EPOCH"):  # the config file's budget
             env.pop(budget)
         if executor == "CeleryExecutor":
+            # The train task in 2 DistributedDataParallel processes, spawned from inside a Celery worker's task.
+            env["MTL_TRAIN__NPROC"] = "2"
             env["AIRFLOW__CELERY__BROKER_URL"] = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
             env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + metadata_url
         settings = load_settings(environ=env)

@@ -224,3 +224,24 @@ def test_torchrun_launches_mtl_train_once_per_rank_and_rank_0_reports(shop, env,
     # The ranks joined torchrun's group (RANK, WORLD_SIZE, MASTER_ADDR...) and trained as the spawned ones did.
     straight, launched = weights(two_processes[0]), weights(out)
     assert all(torch.equal(straight[k], launched[k]) for k in straight)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def test_a_daemonic_process_like_a_celery_workers_task_starts_the_ranks(monkeypatch):
+    """The DAG's train task runs in a daemonic process under Celery, which multiprocessing forbids children;
+    the ranks die with their launcher, so the launcher may start them anyway (test_scheduler runs it for real)."""
+    import multiprocessing
+
+    import billiard.process
+
+    config = multiprocessing.current_process()._config
+    # What Celery's pool leaves in its task processes: the daemon flag, and billiard's own key type.
+    monkeypatch.setitem(config, "daemon", True)
+    monkeypatch.setitem(config, "authkey", billiard.process.AuthenticationString(bytes(config["authkey"])))
+    assert distributed.launch(_world_size, 2) == 2
+    assert config["daemon"] is True and isinstance(config["authkey"], billiard.process.AuthenticationString)
