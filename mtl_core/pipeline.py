@@ -43,8 +43,23 @@ NEXT_STEP = {
     "evaluate": "re-run: mtl evaluate --model <challenger dir> --snapshot {snapshot}",
     "register": "check the MLflow tracking store ({mlflow}); the task retries by itself first",
     "gate": "check the MLflow registry ({mlflow}); the champion is unchanged",
-    "promote": "check the MLflow registry ({mlflow}); promote by hand with mtl promote --version N if right",
+    "promote": "check the MLflow registry ({mlflow}) and mtl status; promote by hand if right: mtl promote "
+    "--version N --by <you> --why <reason>",
     "record_rejection": "nothing is lost: the champion is unchanged; see mtl status",
+}
+# The section of docs/RUNBOOK.md an on-call message points to, per task: what the failure means, how to
+# confirm it, the fix (tests/unit/test_pipeline.py checks that every anchor is a heading there).
+RUNBOOK = "docs/RUNBOOK.md"
+RUNBOOK_SECTION = {
+    "extract": "extract-the-warehouse-cannot-be-read",
+    "validate": "validate-the-data-broke-an-expectation",
+    "build_features": "build_features-a-task-has-no-examples",
+    "train_challenger": "train_challenger-training-failed",
+    "evaluate": "other-errors-you-may-see",
+    "register": "any-mlflow-task-mlflow-refused-or-cannot-be-reached",
+    "gate": "gate-the-gate-cannot-decide",
+    "promote": "any-mlflow-task-mlflow-refused-or-cannot-be-reached",
+    "record_rejection": "any-mlflow-task-mlflow-refused-or-cannot-be-reached",
 }
 INPUT_EXAMPLE_ROWS = 20  # holdout rows stored with the registered model as its input example
 
@@ -493,10 +508,18 @@ def oncall_message(dag_id: str, run_id: str, task_id: str, reason: str, settings
         warehouse=redact(settings.resolved_warehouse_url),
         mlflow=redact(settings.resolved_mlflow_tracking_uri),
     )
+    # promote moves the alias and then closes the MLflow run: a failure in between leaves the new champion.
+    champion = (
+        "check mtl status (promote may have moved it before it failed)"
+        if task_id == "promote"
+        else "unchanged (a failed run never moves it)."
+    )
+    section = RUNBOOK_SECTION.get(task_id, "contents")
     return (
         f"[mtl] DAG {dag_id}, run {run_id}: task {task_id} failed.\n"
         f"Reason: {reason}\n"
-        f"Champion: unchanged (a failed run never moves it).\n"
+        f"Champion: {champion}\n"
         f"Next step: {hint}\n"
+        f"Runbook: {RUNBOOK}#{section}\n"
         f"Replay: mtl run-dag --logical-date <the run's logical date>"
     )

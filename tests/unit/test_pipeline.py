@@ -75,6 +75,25 @@ def test_oncall_message_says_what_where_why_and_what_next(tmp_path):
     extract = pipeline.oncall_message("d", "r", "extract", "timeout", settings)
     assert "db:5432" in extract and "s3cret" not in extract  # where to look, without the password
     assert all(task in pipeline.NEXT_STEP for task in ("extract", "validate", "train_challenger", "register", "gate"))
+    assert "Runbook: docs/RUNBOOK.md#validate-the-data-broke-an-expectation" in message
+    promote = pipeline.oncall_message("d", "r", "promote", "run could not be closed", settings)
+    assert "--by" in promote and "--why" in promote and "unchanged" not in promote  # the alias may have moved
+
+
+def test_every_runbook_section_an_oncall_message_names_is_a_heading_of_the_runbook():
+    import re
+    from pathlib import Path
+
+    runbook = Path(__file__).resolve().parents[2] / pipeline.RUNBOOK
+    # GitHub's anchors: lower case, punctuation other than - and _ dropped, each space a hyphen.
+    anchors = {
+        re.sub(r"[^\w\- ]", "", line[3:].strip().lower()).replace(" ", "-")
+        for line in runbook.read_text().splitlines()
+        if line.startswith("## ")
+    }
+    missing = {task: a for task, a in pipeline.RUNBOOK_SECTION.items() if a not in anchors}
+    assert missing == {} and "contents" in anchors, missing
+    assert set(pipeline.RUNBOOK_SECTION) == set(pipeline.NEXT_STEP)
 
 
 def test_a_tampered_snapshot_stops_validate_and_build_features_and_mtl_train(tmp_path, tiny_bert_path):
