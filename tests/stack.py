@@ -20,12 +20,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from conftest import PG_ADMIN_URL
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 BIN = Path(sys.executable).parent
-PG_ADMIN_URL = os.environ.get("MTLTEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def free_port() -> int:
