@@ -23,7 +23,7 @@ CONFIG_ENV_VAR = "MTL_CONFIG"
 
 
 # user:password@ in any connection URL, wherever it stands in a text (a URL, a JSON dump of the settings).
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 
 
 def redact(text: str) -> str:
@@ -271,6 +271,55 @@ class PrivacySettings(_Strict):
     pseudonym_key: SecretStr = Field(SecretStr(""), exclude=True)
 
 
+class ServeSettings(_Strict):
+    """The online feature store, ``mtl serve`` and ``mtl score`` (mtl_core/serving/)."""
+
+    # The online store (MTL_SERVE__REDIS_URL). Empty: the DAG publishes no features (its task says so) and
+    # `mtl serve` refuses to start.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every key of the online store starts with "<key_prefix>:<model name>:"; several deployments (or tests)
+    # can share one Redis.
+    key_prefix: str = "mtl"
+    # Bearer token of POST /predict (MTL_SERVE__TOKEN, or the Airflow Connection mtl_serve_token's password).
+    # Empty: `mtl serve` refuses to start. Excluded from every dump of the settings, like the pseudonym key.
+    token: SecretStr = Field(SecretStr(""), exclude=True)
+    # Which form of the model serves: the trained fp32 model, its dynamic int8 quantization, its ONNX export
+    # run by onnxruntime, or "fastest": the fastest variant whose AUC loss on the holdout stayed within
+    # variant_max_auc_loss on every task (measured when the version was registered).
+    variant: Literal["fp32", "int8", "onnx", "fastest"] = "fp32"
+    variant_max_auc_loss: float = Field(0.002, ge=0, lt=0.5)
+    # More rows in one POST /predict are refused with 413 (batch scoring is `mtl score`).
+    max_batch: int = Field(1000, ge=1)
+    # How often the server reads the alias (seconds); it switches once the new version's features are published.
+    poll_seconds: float = Field(10.0, gt=0)
+    # Published versions kept in the online store: the champion and the ones before it (rollback serves at once).
+    keep_versions: int = Field(2, ge=1)
+    # Rows per chunk of `mtl score`: its memory is one chunk's, whatever the file's size.
+    score_chunk_rows: int = Field(50_000, ge=1)
+    # Served scores kept per task and version in the online store, for the score monitor (a capped list).
+    served_sample: int = Field(20_000, ge=100)
+    # Optional: a Parquet file of next-day candidate pairs (user_id with item_id or ad_id) that the DAG's
+    # score_candidates task scores after publishing ("{ds}" becomes the run's data interval end, YYYY-MM-DD).
+    candidates: str = ""
+
+
+class DriftSettings(_Strict):
+    """Population stability between the training window and its newest week (validate), and between the
+    served scores and the holdout's (the score monitor)."""
+
+    # PSI above this is drift: 0.1-0.2 is the usual "moderate" band, above 0.2 "significant".
+    psi_threshold: float = Field(0.2, gt=0)
+    # What drift above the threshold does at validate: warn (logged, recorded, shown on the reviewer page)
+    # or stop the run before training.
+    on_drift: Literal["warn", "stop"] = "warn"
+    # Equal-frequency bins of the reference for numeric features.
+    bins: int = Field(10, ge=2, le=100)
+    # The score monitor's threshold on served-vs-holdout score PSI, per task.
+    score_psi_threshold: float = Field(0.2, gt=0)
+    # Fewer served scores than this per task: the monitor waits instead of judging noise.
+    min_served: int = Field(500, ge=1)
+
+
 class Settings(_Strict):
     data_dir: Path = Path("data")
     # Empty means the embedded default: sqlite:///<data_dir>/warehouse.db
@@ -293,6 +342,8 @@ class Settings(_Strict):
     pipeline: PipelineSettings = PipelineSettings()
     gate: GateSettings = GateSettings()
     privacy: PrivacySettings = PrivacySettings()
+    serve: ServeSettings = ServeSettings()
+    drift: DriftSettings = DriftSettings()
 
     @property
     def resolved_warehouse_url(self) -> str:
@@ -373,8 +424,14 @@ def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
             "a run's conf cannot set privacy.pseudonym_key: the conf is stored and shown in the Airflow UI; set "
             "the key with MTL_PRIVACY__PSEUDONYM_KEY or the Airflow Connection mtl_pseudonym_key"
         )
-    # The key is excluded from model_dump, so carry it over by hand.
+    if "token" in (overrides.get("serve") or {}):
+        raise ConfigError(
+            "a run's conf cannot set serve.token: the conf is stored and shown in the Airflow UI; set the token "
+            "with MTL_SERVE__TOKEN or the Airflow Connection mtl_serve_token"
+        )
+    # The secrets are excluded from model_dump, so carry them over by hand.
     merged.privacy = settings.privacy
+    merged.serve.token = settings.serve.token
     if merged.pipeline.allow_gate_overrides != settings.pipeline.allow_gate_overrides:
         raise ConfigError(
             "a run's conf cannot change pipeline.allow_gate_overrides; set it in the settings file or with "
