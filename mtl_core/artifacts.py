@@ -27,6 +27,8 @@ from mtl_core.errors import MtlError
 from mtl_core.jsonable import to_jsonable
 
 VALIDATION_RESULT = Path("validation") / "result.json"
+# The drift between the window's training part and its newest week, written by the validate step.
+DRIFT_REPORT = Path("validation") / "drift.json"
 
 
 class ArtifactError(MtlError):
@@ -95,6 +97,11 @@ class Snapshot:
         """What the validate step found (``None`` before it ran)."""
         path = Path(self.uri) / VALIDATION_RESULT
         return json.loads(path.read_text())["summary"] if path.is_file() else None
+
+    def drift_report(self) -> dict[str, Any] | None:
+        """The validate step's drift report (``quality.drift.snapshot_drift``); ``None`` before it ran."""
+        path = Path(self.uri) / DRIFT_REPORT
+        return json.loads(path.read_text()) if path.is_file() else None
 
 
 @dataclass(frozen=True)

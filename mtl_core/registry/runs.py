@@ -238,6 +238,7 @@ def log_training(
     *,
     snapshot_dir: str | Path | None = None,
     predictions: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    drift_report: Mapping[str, Any] | None = None,
 ) -> None:
     """Log what a reviewer needs to trust the challenger: config, per-task metrics, curves, lineage, plots.
 
@@ -245,7 +246,8 @@ def log_training(
     output); ``champion_metrics`` the champion's on the same holdout; ``single_task_metrics`` the
     single-task baselines. ``snapshot_manifest`` is the manifest dict or the snapshot directory;
     ``validation_summary`` is ``validate``'s report or its ``summary()`` (``mtl.validation`` follows its
-    ``success``); ``predictions`` (``{task: (labels, probabilities)}``) adds ROC and calibration plots.
+    ``success``); ``predictions`` (``{task: (labels, probabilities)}``) adds ROC and calibration plots;
+    ``drift_report`` (``quality.drift.snapshot_drift``) adds each feature's PSI and the label rates as metrics.
     Safe to repeat on a retried task: params already there are skipped (a changed value is an error, since
     one run must describe one configuration).
     """
@@ -298,9 +300,28 @@ def log_training(
         client.log_dict(run_id, config, "config/settings.json")
         if validation_summary is not None:
             client.log_dict(run_id, to_jsonable(validation_summary), "validation/summary.json")
+        if drift_report is not None:
+            _log_drift(client, run_id, drift_report, now)
         if predictions:
             with tempfile.TemporaryDirectory() as tmp:
                 labels = {task: pair[0] for task, pair in predictions.items()}
                 probs = {task: pair[1] for task, pair in predictions.items()}
                 plot_roc_and_calibration(labels, probs, tmp)
                 client.log_artifacts(run_id, tmp, "plots")
+
+
+def _log_drift(client: MlflowClient, run_id: str, report: Mapping[str, Any], now: int) -> None:
+    """The drift report as an artifact, each feature's PSI and each label rate as a metric, and a tag naming
+    what drifted (searchable: ``tags."mtl.drift" != "none"``)."""
+    client.log_dict(run_id, to_jsonable(dict(report)), "validation/drift.json")
+    values = {f"drift/psi/{f['name']}": f["psi"] for f in report.get("features", [])}
+    for label in report.get("labels", []):
+        for side in ("reference", "current"):
+            values[f"drift/label/{label['name']}/{side}"] = label[side]
+    if not report.get("skipped"):
+        values["drift/max_psi"] = report["max_psi"]
+    metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if _finite(v) is not None]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    drifted = "skipped" if report.get("skipped") else ",".join(report.get("drifted", [])) or "none"
+    client.set_tag(run_id, "mtl.drift", drifted)
