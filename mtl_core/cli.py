@@ -279,6 +279,20 @@ def status_command(config: ConfigOption = None, as_json: JsonOption = False) -> 
     _print(state, as_json, format_status(state))
 
 
+@app.command("serve")
+def serve_command(
+    alias: Annotated[str, typer.Option(help="Serve the version with this alias (followed as it moves)")] = "champion",
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback: only this machine)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model)")] = 1,
+    config: ConfigOption = None,
+) -> None:
+    """Serve the model over HTTP: POST /predict (bearer token MTL_SERVE__TOKEN), GET /healthz, GET /metrics."""
+    from mtl_core.serving.server import serve
+
+    serve(_settings(config), alias, host, port, workers, config_file=config)
+
+
 @app.command("promote")
 def promote_command(
     version: Annotated[int, typer.Option(help="Model version to make champion")],
@@ -314,6 +328,56 @@ def rollback_command(
     _print(result, as_json, f"rolled back: {json.dumps(to_jsonable(result))}")
 
 
+@app.command("publish")
+def publish_command(
+    snapshot: Annotated[Path, typer.Option(help="Snapshot to compute the features from (the training window)")],
+    version: Annotated[int | None, typer.Option(help="Version to publish (default: the one --alias names)")] = None,
+    alias: Annotated[str, typer.Option(help="Publish the version holding this alias (without --version)")] = "champion",
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="Features as of this UTC time (ISO; default: the snapshot's end)")
+    ] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish a version's serving features (user, item, ad history and text vectors) to the online store."""
+    from datetime import datetime
+
+    from mtl_core.serving.online import publish_registered
+
+    try:
+        moment = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else None
+    except ValueError:
+        _fail(f"--as-of {as_of!r} is not an ISO time; use e.g. 2026-02-09T00:00:00Z")
+    manifest = publish_registered(_settings(config), snapshot, version=version, alias=alias, as_of=moment)
+    counts = ", ".join(f"{n:,} {kind}" for kind, n in manifest["counts"].items())
+    _print(
+        manifest,
+        as_json,
+        f"published {manifest['model']} v{manifest['version']} as of {manifest['as_of']}: {counts} "
+        f"({manifest['seconds']} s)",
+    )
+
+
+@app.command("score")
+def score_command(
+    candidates: Annotated[Path, typer.Option(help="Parquet file: user_id with item_id or ad_id (optional time)")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write: the candidates with one score column per task")],
+    alias: Annotated[str, typer.Option(help="Score with the version holding this alias")] = "champion",
+    variant: Annotated[str | None, typer.Option(help="Model form: fp32 (default), int8, onnx or fastest")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Score a file of candidate pairs in chunks (serve.score_chunk_rows) with the alias's model."""
+    from mtl_core.serving.batch import score_file
+
+    result = score_file(
+        _settings(config), candidates, out, alias=alias, variant=variant, progress=not as_json and sys.stderr.isatty()
+    )
+    _print(
+        result, as_json, f"scored {result['rows']:,} rows with v{result['version']} into {out} ({result['seconds']} s)"
+    )
+
+
 @app.command("import-logs")
 def import_logs_command(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet file of behaviour logs")],
@@ -335,6 +399,24 @@ def import_logs_command(
     )
     _print(payload, as_json, text)
     if report.aborted:
+        raise typer.Exit(code=1)
+
+
+@app.command("doctor")
+def doctor_command(
+    dags_folder: Annotated[
+        Path | None,
+        typer.Option("--dags-folder", help="DAG folder to parse (default: AIRFLOW__CORE__DAGS_FOLDER, else dags/)"),
+    ] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the warehouse, MLflow, Airflow, Redis, the encoder, the pins and free disk; exit 1 if any check fails."""
+    from mtl_core.doctor import run_checks
+
+    report = run_checks(_settings(config), dags_folder=dags_folder)
+    _print(report.as_dict(), as_json, report.text())
+    if report.failed:
         raise typer.Exit(code=1)
 
 

@@ -151,7 +151,11 @@ class TaskSampler:
 
 @torch.inference_mode()
 def predict(model: MultiTaskModel, data: TensorData, rows: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """Probabilities [len(rows), T] (each task's own head; cvr is p(buy | click))."""
+    """Probabilities [len(rows), T] (each task's own head; cvr is p(buy | click)).
+
+    The model's mode is restored afterwards, not set: a served model stays in eval mode throughout, so
+    concurrent requests never see another request's switch to training mode (dropout on)."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     batches = (data.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
@@ -159,5 +163,5 @@ def predict(model: MultiTaskModel, data: TensorData, rows: np.ndarray, batch_siz
         torch.sigmoid(model(b.inputs, b.text, b.text_tokens)).cpu()
         for b in (b if device.type == "cpu" else b.to(device) for b in batches)
     ]
-    model.train()
+    model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, len(model.task_names)), dtype=np.float32)

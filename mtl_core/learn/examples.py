@@ -553,69 +553,174 @@ def _history_features(
     has_item = ~np.isnan(item)
     item_key = np.where(has_item, item, -1).astype(np.int64)
 
-    users_index = pd.Index(pd.unique(np.concatenate([behavior["user_id"], ads["user_id"], user])))
-    items_index = pd.Index(pd.unique(np.concatenate([behavior["item_id"], item_key])))
-    kinds = {k: behavior[behavior["event_type"] == k] for k in ("impression", "click", "purchase")}
-    all_user = _History(
-        np.concatenate([behavior["user_id"], ads["user_id"]]),
-        np.concatenate([behavior["ts"].to_numpy(), ads["ts"].to_numpy()]),
-        users_index,
+    history = EventHistory(behavior, ads, user, item_key)
+    user_side = history.user_columns(user, ts)
+    seen = pd.Series(item_key).map(history.first_seen).to_numpy().astype("datetime64[us]")
+    timed = time_columns(
+        ts,
+        last_event=user_side[LAST_EVENT],
+        signup=rows["signup"].to_numpy().astype("datetime64[us]"),
+        created=rows["item_created"].to_numpy().astype("datetime64[us]"),
+        first_seen=seen,
     )
-    user_clicks = _History(kinds["click"]["user_id"].to_numpy(), kinds["click"]["ts"].to_numpy(), users_index)
-    user_impr = _History(kinds["impression"]["user_id"].to_numpy(), kinds["impression"]["ts"].to_numpy(), users_index)
-    user_buys = _History(kinds["purchase"]["user_id"].to_numpy(), kinds["purchase"]["ts"].to_numpy(), users_index)
-    ad_impr = ads[ads["event_type"] == "ad_impression"]
-    ad_click = ads[ads["event_type"] == "ad_click"]
-    user_ad_impr = _History(ad_impr["user_id"].to_numpy(), ad_impr["ts"].to_numpy(), users_index)
-    user_ad_click = _History(ad_click["user_id"].to_numpy(), ad_click["ts"].to_numpy(), users_index)
-    item_impr = _History(kinds["impression"]["item_id"].to_numpy(), kinds["impression"]["ts"].to_numpy(), items_index)
-    item_clicks = _History(kinds["click"]["item_id"].to_numpy(), kinds["click"]["ts"].to_numpy(), items_index)
-    item_buys = _History(kinds["purchase"]["item_id"].to_numpy(), kinds["purchase"]["ts"].to_numpy(), items_index)
-
-    n_events = all_user.count_before(user, ts)
-    n_impr = user_impr.count_before(user, ts)
-    n_clicks = user_clicks.count_before(user, ts)
-    n_ad_impr = user_ad_impr.count_before(user, ts)
-    n_ad_clicks = user_ad_click.count_before(user, ts)
-    i_impr = item_impr.count_before(item_key, ts)
-    i_clicks = item_clicks.count_before(item_key, ts)
-    last = all_user.last_before(user, ts)
-    since_last = np.where(last >= 0, (_epoch_seconds(ts) - last) / 86_400, 60.0)
-    signup = rows["signup"].to_numpy().astype("datetime64[us]")
-    since_signup = np.where(np.isnat(signup), 365.0, (ts - signup) / DAY)
-    created = rows["item_created"].to_numpy().astype("datetime64[us]")
-    # Without a creation time (imported logs), an item's age is how long it has been seen in the snapshot.
-    first_seen = behavior.groupby("item_id")["ts"].min()
-    seen = pd.Series(item_key).map(first_seen).to_numpy().astype("datetime64[us]")
-    fallback = np.where(np.isnat(seen), 0.0, np.maximum((ts - seen) / DAY, 0.0))
-    item_age = np.where(np.isnat(created), fallback, (ts - created) / DAY)
-    price = rows["price"].to_numpy(dtype=np.float64, na_value=np.nan)
-    cyclic = _cyclic(ts)
     columns = {
-        "log_price": np.log1p(np.nan_to_num(price, nan=0.0)),
-        **cyclic,
-        "position": np.log1p(np.nan_to_num(rows["position"].to_numpy(dtype=np.float64, na_value=np.nan), nan=0.0)),
-        "user_events": np.log1p(n_events),
-        "user_clicks": np.log1p(n_clicks),
-        "user_ctr": (n_clicks + 0.5) / (n_impr + 15.0),  # smoothed towards a ~3 % prior
-        "user_purchases": np.log1p(user_buys.count_before(user, ts)),
-        "user_events_7d": np.log1p(all_user.count_before(user, ts, 7 * DAY)),
-        "user_events_28d": np.log1p(all_user.count_before(user, ts, 28 * DAY)),
+        **item_attribute_columns(rows["price"].to_numpy(dtype=np.float64, na_value=np.nan), has_item),
+        **position_columns(rows["position"].to_numpy(dtype=np.float64, na_value=np.nan)),
+        **user_side,
+        **history.item_columns(item_key, ts),
+        **timed,
+    }
+    new_user = user_side[USER_EVENT_COUNT] == 0
+    cold_item = has_item & (timed[ITEM_AGE_DAYS] < settings.cold_start_days)
+    return numeric_matrix(columns), new_user, cold_item
+
+
+# --- history features by side: what the online store publishes per user and per item ----------------
+# The user-side and item-side columns below are counts as of a time; the time columns are what changes with
+# the row's own time given an entity's anchors (its last event, signup, creation or first sighting). Training
+# computes both at every example's time; serving publishes the counts once (as of the interval's end) with
+# the anchors, and computes the time columns at the request's time, with these same formulas.
+USER_COUNT_FEATURES = (
+    "user_events",
+    "user_clicks",
+    "user_ctr",
+    "user_purchases",
+    "user_events_7d",
+    "user_events_28d",
+    "user_ad_impressions",
+    "user_ad_ctr",
+)
+ITEM_COUNT_FEATURES = ("item_impressions", "item_clicks", "item_ctr", "item_purchases")
+# Extra entries of user_columns: the raw event count (new_user) and the epoch second of the last event.
+USER_EVENT_COUNT = "_user_event_count"
+LAST_EVENT = "_last_event_second"
+# Extra entry of time_columns: the item's age in days before its transform (cold_item).
+ITEM_AGE_DAYS = "_item_age_days"
+
+
+class EventHistory:
+    """A snapshot's events indexed for counts per user and per item strictly before given times.
+
+    ``users`` and ``items`` are the ids that will be asked about beside those of the events.
+    """
+
+    def __init__(self, behavior: pd.DataFrame, ads: pd.DataFrame, users: np.ndarray, items: np.ndarray):
+        users_index = pd.Index(pd.unique(np.concatenate([behavior["user_id"], ads["user_id"], users])))
+        items_index = pd.Index(pd.unique(np.concatenate([behavior["item_id"], items])))
+        kinds = {k: behavior[behavior["event_type"] == k] for k in ("impression", "click", "purchase")}
+
+        def index(frame: pd.DataFrame, entity: str, codes: pd.Index) -> _History:
+            return _History(frame[entity].to_numpy(), frame["ts"].to_numpy(), codes)
+
+        self.all_user = _History(
+            np.concatenate([behavior["user_id"], ads["user_id"]]),
+            np.concatenate([behavior["ts"].to_numpy(), ads["ts"].to_numpy()]),
+            users_index,
+        )
+        self.user_clicks = index(kinds["click"], "user_id", users_index)
+        self.user_impr = index(kinds["impression"], "user_id", users_index)
+        self.user_buys = index(kinds["purchase"], "user_id", users_index)
+        self.user_ad_impr = index(ads[ads["event_type"] == "ad_impression"], "user_id", users_index)
+        self.user_ad_click = index(ads[ads["event_type"] == "ad_click"], "user_id", users_index)
+        self.item_impr = index(kinds["impression"], "item_id", items_index)
+        self.item_clicks = index(kinds["click"], "item_id", items_index)
+        self.item_buys = index(kinds["purchase"], "item_id", items_index)
+        # Without a creation time (imported logs), an item's age is how long it has been seen in the snapshot.
+        self.first_seen = behavior.groupby("item_id")["ts"].min()
+
+    def user_columns(self, user: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
+        """USER_COUNT_FEATURES, plus USER_EVENT_COUNT and LAST_EVENT (-1: none), of ``user`` at ``ts``."""
+        columns = user_count_columns(
+            events=self.all_user.count_before(user, ts),
+            impressions=self.user_impr.count_before(user, ts),
+            clicks=self.user_clicks.count_before(user, ts),
+            purchases=self.user_buys.count_before(user, ts),
+            events_7d=self.all_user.count_before(user, ts, 7 * DAY),
+            events_28d=self.all_user.count_before(user, ts, 28 * DAY),
+            ad_impressions=self.user_ad_impr.count_before(user, ts),
+            ad_clicks=self.user_ad_click.count_before(user, ts),
+        )
+        columns[LAST_EVENT] = self.all_user.last_before(user, ts)
+        return columns
+
+    def item_columns(self, item_key: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
+        """ITEM_COUNT_FEATURES of ``item_key`` (-1: no item) at ``ts``."""
+        return item_count_columns(
+            impressions=self.item_impr.count_before(item_key, ts),
+            clicks=self.item_clicks.count_before(item_key, ts),
+            purchases=self.item_buys.count_before(item_key, ts),
+        )
+
+
+def user_count_columns(
+    events: np.ndarray,
+    impressions: np.ndarray,
+    clicks: np.ndarray,
+    purchases: np.ndarray,
+    events_7d: np.ndarray,
+    events_28d: np.ndarray,
+    ad_impressions: np.ndarray,
+    ad_clicks: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The user-side features from a user's event counts (all zero: a user without history)."""
+    return {
+        "user_events": np.log1p(events),
+        "user_clicks": np.log1p(clicks),
+        "user_ctr": (clicks + 0.5) / (impressions + 15.0),  # smoothed towards a ~3 % prior
+        "user_purchases": np.log1p(purchases),
+        "user_events_7d": np.log1p(events_7d),
+        "user_events_28d": np.log1p(events_28d),
+        "user_ad_impressions": np.log1p(ad_impressions),
+        "user_ad_ctr": (ad_clicks + 0.2) / (ad_impressions + 10.0),
+        USER_EVENT_COUNT: events,
+    }
+
+
+def item_count_columns(impressions: np.ndarray, clicks: np.ndarray, purchases: np.ndarray) -> dict[str, np.ndarray]:
+    """The item-side features from an item's event counts (all zero: an item without history)."""
+    return {
+        "item_impressions": np.log1p(impressions),
+        "item_clicks": np.log1p(clicks),
+        "item_ctr": (clicks + 0.5) / (impressions + 15.0),
+        "item_purchases": np.log1p(purchases),
+    }
+
+
+def item_attribute_columns(price: np.ndarray, has_item: np.ndarray) -> dict[str, np.ndarray]:
+    """``price``: NaN where unknown; ``has_item``: the row names an item (known or not)."""
+    return {"log_price": np.log1p(np.nan_to_num(price, nan=0.0)), "has_item": has_item.astype(np.float64)}
+
+
+def position_columns(position: np.ndarray) -> dict[str, np.ndarray]:
+    """``position``: the feed slot, NaN where the row has none (ad and user rows)."""
+    return {"position": np.log1p(np.nan_to_num(position, nan=0.0))}
+
+
+def time_columns(
+    ts: np.ndarray, last_event: np.ndarray, signup: np.ndarray, created: np.ndarray, first_seen: np.ndarray
+) -> dict[str, np.ndarray]:
+    """What depends on the row's time ``ts`` (datetime64[us]) given the entities' anchors.
+
+    ``last_event``: epoch second of the user's last event before the row (-1: none); ``signup``, ``created``
+    and ``first_seen`` (the item's first event in the snapshot): datetime64[us], NaT where unknown. Also
+    returns ITEM_AGE_DAYS, the item's age before its transform.
+    """
+    since_last = np.where(last_event >= 0, (_epoch_seconds(ts) - last_event) / 86_400, 60.0)
+    since_signup = np.where(np.isnat(signup), 365.0, (ts - signup) / DAY)
+    fallback = np.where(np.isnat(first_seen), 0.0, np.maximum((ts - first_seen) / DAY, 0.0))
+    item_age = np.where(np.isnat(created), fallback, (ts - created) / DAY)
+    return {
+        **_cyclic(ts),
         "user_days_since_last": np.log1p(np.clip(since_last, 0, 60)),
         "user_days_since_signup": np.log1p(np.clip(since_signup, 0, 365)),
-        "user_ad_impressions": np.log1p(n_ad_impr),
-        "user_ad_ctr": (n_ad_clicks + 0.2) / (n_ad_impr + 10.0),
-        "item_impressions": np.log1p(i_impr),
-        "item_clicks": np.log1p(i_clicks),
-        "item_ctr": (i_clicks + 0.5) / (i_impr + 15.0),
-        "item_purchases": np.log1p(item_buys.count_before(item_key, ts)),
         "item_age_days": np.log1p(np.clip(item_age, 0, 365)),
-        "has_item": has_item.astype(np.float64),
+        ITEM_AGE_DAYS: item_age,
     }
-    numeric = np.column_stack([columns[name] for name in NUMERIC]).astype(np.float32)
-    new_user = n_events == 0
-    cold_item = has_item & (item_age < settings.cold_start_days)
-    return numeric, new_user, cold_item
+
+
+def numeric_matrix(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """[N, len(NUMERIC)] float32 from one float64 column per NUMERIC feature (extra entries are ignored)."""
+    return np.column_stack([columns[name] for name in NUMERIC]).astype(np.float32)
 
 
 def _texts(rows: pd.DataFrame) -> tuple[list[str], np.ndarray]:
@@ -756,16 +861,25 @@ def _missing(value: Any) -> bool:
 
 __all__ = [
     "CATEGORICAL",
+    "ITEM_COUNT_FEATURES",
     "NUMERIC",
     "SPLITS",
+    "USER_COUNT_FEATURES",
+    "EventHistory",
     "Examples",
     "FeatureError",
     "FeatureSpace",
     "Vocab",
     "build_examples",
+    "item_attribute_columns",
+    "item_count_columns",
     "load_examples",
+    "numeric_matrix",
+    "position_columns",
     "save_examples",
     "split_summary",
+    "time_columns",
+    "user_count_columns",
 ]
 
 
