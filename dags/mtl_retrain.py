@@ -198,9 +198,60 @@ def mtl_retrain():
         decision = get_current_context()["ti"].xcom_pull(task_ids="gate", key="decision")
         return pipeline.record_rejection(run_settings(), GateDecision.load(decision))
 
+    # After a promotion: the new champion's features into the online store (servers switch to it once they
+    # are complete), then, if serve.candidates names a file, the next day's candidate pairs scored.
+    @task(**RETRYING)
+    def publish_features() -> dict:
+        from mtl_core import pipeline
+        from mtl_core.artifacts import GateDecision
+
+        decision = get_current_context()["ti"].xcom_pull(task_ids="gate", key="decision")
+        return pipeline.publish_features(run_settings(), GateDecision.load(decision))
+
+    @task
+    def score_candidates(published: dict, data_interval_end=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from mtl_core import pipeline
+
+        settings = run_settings()
+        if pipeline.candidates_file(settings, data_interval_end) is None:
+            raise AirflowSkipException("serve.candidates is empty: no candidate pairs to score")
+        if not published.get("published"):
+            raise AirflowSkipException(f"no new champion is served: {published.get('reason')}")
+        return pipeline.score_candidates(settings, data_interval_end)
+
     snapshot = validate(extract())
     registered = register(evaluate(train_challenger(build_features(snapshot))))
-    gate(registered) >> [promote(), record_rejection()]
+    promoted = promote()
+    gate(registered) >> [promoted, record_rejection()]
+    published = publish_features()
+    promoted >> published
+    score_candidates(published)
 
 
 mtl_retrain()
+
+
+@dag(
+    dag_id="mtl_serving_monitor",
+    schedule="@hourly",
+    start_date=pendulum.parse(SETTINGS.pipeline.start_date, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"on_failure_callback": OnCallNotifier()},
+    tags=["mtl", "serving"],
+    doc_md="Hourly: the champion's served scores per task against its holdout's (PSI, drift.score_psi_threshold); "
+    "a shift fails the task, and the on-call message says which tasks moved and what to check.",
+)
+def mtl_serving_monitor():
+    @task
+    def check_served_scores() -> dict:
+        from mtl_core import pipeline
+
+        return pipeline.monitor_served_scores(run_settings())
+
+    check_served_scores()
+
+
+mtl_serving_monitor()

@@ -302,14 +302,15 @@ def promote_command(
     as_json: JsonOption = False,
 ) -> None:
     """Manual override: make VERSION the champion (the old one becomes previous), recording who and why."""
-    from mtl_core.registry.aliases import make_champion
-    from mtl_core.registry.store import configure
+    from mtl_core.pipeline import promote_by_hand
 
-    settings = _settings(config)
-    result = make_champion(
-        configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, version, by, why
+    result = promote_by_hand(_settings(config), version, by, why)
+    _print(
+        result,
+        as_json,
+        f"version {version} is champion ({json.dumps(to_jsonable(result))}); servers switch to it once its "
+        f"features are published (mtl publish --version {version} --snapshot <its training window>)",
     )
-    _print(result, as_json, f"version {version} is champion ({json.dumps(to_jsonable(result))})")
 
 
 @app.command("rollback")
@@ -319,12 +320,10 @@ def rollback_command(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Move the champion alias back to the previous champion."""
-    from mtl_core.registry.aliases import rollback
-    from mtl_core.registry.store import configure
+    """Move the champion alias back to the previous champion (servers switch back at their next poll)."""
+    from mtl_core.pipeline import rollback_by_hand
 
-    settings = _settings(config)
-    result = rollback(configure(settings.resolved_mlflow_tracking_uri), settings.pipeline.model_name, by, why)
+    result = rollback_by_hand(_settings(config), by, why)
     _print(result, as_json, f"rolled back: {json.dumps(to_jsonable(result))}")
 
 

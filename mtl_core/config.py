@@ -280,7 +280,7 @@ class ServeSettings(_Strict):
     # Every key of the online store starts with "<key_prefix>:<model name>:"; several deployments (or tests)
     # can share one Redis.
     key_prefix: str = "mtl"
-    # Bearer token of POST /predict (MTL_SERVE__TOKEN, or the Airflow Connection mtl_serve_token's password).
+    # Bearer token of POST /predict (MTL_SERVE__TOKEN, or the settings file if only the server reads it).
     # Empty: `mtl serve` refuses to start. Excluded from every dump of the settings, like the pseudonym key.
     token: SecretStr = Field(SecretStr(""), exclude=True)
     # Which form of the model serves: the trained fp32 model, its dynamic int8 quantization, its ONNX export
@@ -288,6 +288,10 @@ class ServeSettings(_Strict):
     # variant_max_auc_loss on every task (measured when the version was registered).
     variant: Literal["fp32", "int8", "onnx", "fastest"] = "fp32"
     variant_max_auc_loss: float = Field(0.002, ge=0, lt=0.5)
+    # Whether register builds and logs the int8 and ONNX variants (about 30-40 s on the demo's shop), and how
+    # many timed calls measure each one's latency.
+    build_variants: bool = True
+    variant_timing_calls: int = Field(300, ge=10)
     # More rows in one POST /predict are refused with 413 (batch scoring is `mtl score`).
     max_batch: int = Field(1000, ge=1)
     # How often the server reads the alias (seconds); it switches once the new version's features are published.
@@ -427,7 +431,7 @@ def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     if "token" in (overrides.get("serve") or {}):
         raise ConfigError(
             "a run's conf cannot set serve.token: the conf is stored and shown in the Airflow UI; set the token "
-            "with MTL_SERVE__TOKEN or the Airflow Connection mtl_serve_token"
+            "with MTL_SERVE__TOKEN where the server runs"
         )
     # The secrets are excluded from model_dump, so carry them over by hand.
     merged.privacy = settings.privacy

@@ -46,6 +46,13 @@ NEXT_STEP = {
     "promote": "check the MLflow registry ({mlflow}) and mtl status; promote by hand if right: mtl promote "
     "--version N --by <you> --why <reason>",
     "record_rejection": "nothing is lost: the champion is unchanged; see mtl status",
+    "publish_features": "the alias has moved but the servers keep serving the version before until its features "
+    "are published: check Redis with mtl doctor, then publish by hand: mtl publish --alias champion --snapshot "
+    "{snapshot}",
+    "score_candidates": "the champion and its features are in place; re-run the scoring by hand: mtl score --alias "
+    "champion --candidates <file> --out <file>",
+    "check_served_scores": "compare the served and holdout score histograms (the server's /metrics), check mtl "
+    "status and mtl doctor; if the champion misbehaves: mtl rollback --by <you> --why <reason>",
 }
 # The section of docs/RUNBOOK.md an on-call message points to, per task: what the failure means, how to
 # confirm it, the fix (tests/unit/test_pipeline.py checks that every anchor is a heading there).
@@ -60,7 +67,11 @@ RUNBOOK_SECTION = {
     "gate": "gate-the-gate-cannot-decide",
     "promote": "any-mlflow-task-mlflow-refused-or-cannot-be-reached",
     "record_rejection": "any-mlflow-task-mlflow-refused-or-cannot-be-reached",
+    "publish_features": "publish_features-the-champions-features-are-not-published",
+    "score_candidates": "score_candidates-batch-scoring-failed",
+    "check_served_scores": "served-scores-shifted",
 }
+DRIFT_SECTION = "validate-the-newest-week-drifted-drifton_drift-stop"
 INPUT_EXAMPLE_ROWS = 20  # holdout rows stored with the registered model as its input example
 
 
@@ -175,7 +186,40 @@ def validate(settings: Settings, snapshot: Snapshot) -> Snapshot:
 
     verify_snapshot(snapshot.uri)
     run_validation(snapshot.uri, previous_snapshot(settings, snapshot.uri), settings.expectations_dir)
+    check_drift(settings, snapshot)
     return snapshot
+
+
+def check_drift(settings: Settings, snapshot: Snapshot) -> dict[str, Any]:
+    """The PSI of each feature between the window's training part and its newest week, kept beside the
+    validation result; drift above ``drift.psi_threshold`` warns, or stops the run (``drift.on_drift: stop``)."""
+    from mtl_core.artifacts import DRIFT_REPORT
+    from mtl_core.quality.drift import check_drift as judge_drift
+    from mtl_core.quality.drift import snapshot_drift
+
+    # A whole week: a shorter newest period differs from the weeks before it in its weekdays by construction.
+    report = snapshot_drift(snapshot.uri, settings.drift, newest_days=7)
+    _write_json_atomic(Path(snapshot.uri) / DRIFT_REPORT, report)
+    if report.get("drifted"):
+        log.warning(
+            "drift above drift.psi_threshold %.2f in the newest week: %s",
+            settings.drift.psi_threshold,
+            ", ".join(f"{f['name']} {f['psi']:.2f}" for f in report["features"] if f["drifted"]),
+        )
+    judge_drift(report, settings.drift)
+    return report
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    import json
+    import uuid
+
+    from mtl_core.jsonable import to_jsonable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # two validations of one snapshot never collide
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2))
+    tmp.replace(path)
 
 
 def build_features(settings: Settings, snapshot: Snapshot, run_key: str) -> ExampleSet:
@@ -391,6 +435,7 @@ def register(settings: Settings, run_key: str, comparison: Comparison) -> Regist
         data_interval=snapshot.interval,
         snapshot_dir=snapshot.uri,
         predictions={task: (labels[task], probs[task]) for task in probs},
+        drift_report=snapshot.drift_report(),
     )
     client.log_artifact(run_id, comparison.uri, "evaluation")
     examples = example_set.examples()
@@ -403,6 +448,7 @@ def register(settings: Settings, run_key: str, comparison: Comparison) -> Regist
         settings.pipeline.model_name,
         input_example=examples_frame(examples, rows),
     )
+    log_model_variants(client, run_id, challenger.model_dir, examples, settings)
     return RegisteredModel(
         uri=str(Path(comparison.uri).parent / "registered.json"),
         model_name=settings.pipeline.model_name,
@@ -410,6 +456,29 @@ def register(settings: Settings, run_key: str, comparison: Comparison) -> Regist
         run_id=run_id,
         comparison=comparison.uri,
     ).save()
+
+
+def log_model_variants(client, run_id: str, model_dir: str, examples, settings: Settings) -> dict[str, Any] | None:
+    """The int8 and ONNX variants of the version, each with its holdout AUC change and latency, on its run.
+
+    A variant that cannot be built does not stop the run: the version is whole without it and serves in fp32
+    (``serve.variant: fastest`` falls back to it); the run's tag ``mtl.variants`` says why.
+    """
+    from mtl_core.registry.variants import log_variants
+
+    if not settings.serve.build_variants:
+        client.set_tag(run_id, "mtl.variants", "not built (serve.build_variants is off)")
+        return None
+    try:
+        report = log_variants(client, run_id, model_dir, examples, settings, calls=settings.serve.variant_timing_calls)
+    except Exception as exc:  # any exporter or runtime fault: the version still serves in fp32
+        reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:400]
+        log.warning("the int8/ONNX variants of run %s were not built (it serves in fp32): %s", run_id, reason)
+        client.set_tag(run_id, "mtl.variants", f"failed: {reason}")
+        return None
+    cleared = [name for name, entry in report["variants"].items() if name != "fp32" and entry.get("within_bound")]
+    client.set_tag(run_id, "mtl.variants", ",".join(cleared) or "none within the AUC bound")
+    return report
 
 
 def gate(settings: Settings, registered: RegisteredModel, overrides: dict[str, str] | None = None) -> GateDecision:
@@ -438,6 +507,7 @@ def gate(settings: Settings, registered: RegisteredModel, overrides: dict[str, s
         champion_version=champion,
         champion_known=True,
     )
+    publish_review_page(settings, registered, compared, decision, champion)
     return GateDecision(
         uri=str(Path(registered.uri).parent / "decision.json"),
         registered=registered.uri,
@@ -451,6 +521,40 @@ def gate(settings: Settings, registered: RegisteredModel, overrides: dict[str, s
         rule=decision.rule,
         decided_at=decision.decided_at,
     ).save()
+
+
+def publish_review_page(
+    settings: Settings, registered: RegisteredModel, compared: Comparison, decision, champion_version: int | None
+) -> Path:
+    """The reviewer's page beside the run's artifacts and on its MLflow run, and the model card in the version's
+    description below the decision's summary; a retried gate step replaces both."""
+    from mtl_core.registry.review import logged_commit, model_card, publish_review, render_review_page
+
+    challenger = TrainedModel.load(compared.challenger)
+    example_set = ExampleSet.load(compared.examples)
+    snapshot = Snapshot.load(example_set.snapshot)
+    client = _client(settings)
+    labels, probs = compared.holdout_predictions()
+    facts = dict(
+        model_name=registered.model_name,
+        version=registered.version,
+        decision=decision,
+        comparison_tasks=compared.tasks,
+        drift=snapshot.drift_report(),
+        interval=snapshot.interval,
+        manifest_counts=snapshot.rows,
+        example_counts=example_set.counts,
+        settings=settings,
+        champion_version=champion_version,
+        run_id=registered.run_id,
+        snapshot_hash=snapshot.content_hash,
+        git_commit=logged_commit(client, registered.run_id),  # the code that trained, as register logged it
+    )
+    page = render_review_page(**facts, labels=labels, probabilities=probs, history=challenger.history)
+    card = model_card(**facts)
+    return publish_review(
+        client, registered.model_name, registered.version, registered.run_id, page, card, Path(registered.uri).parent
+    )
 
 
 def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
@@ -484,6 +588,25 @@ def promote(settings: Settings, decision: GateDecision) -> dict[str, Any]:
     return moved
 
 
+def promote_by_hand(settings: Settings, version: int, by: str, why: str) -> dict[str, Any]:
+    """`mtl promote`: the manual override, under the lock the DAG's promote takes, so it never interleaves with
+    a run's compare-and-set."""
+    from mtl_core.locks import store_lock
+    from mtl_core.registry.aliases import make_champion
+
+    with store_lock(settings.resolved_warehouse_url, "promotion", settings.data_dir):
+        return make_champion(_client(settings), settings.pipeline.model_name, version, by, why)
+
+
+def rollback_by_hand(settings: Settings, by: str, why: str) -> dict[str, Any]:
+    """`mtl rollback`: the champion back to the previous one, under the promotion lock."""
+    from mtl_core.locks import store_lock
+    from mtl_core.registry.aliases import rollback
+
+    with store_lock(settings.resolved_warehouse_url, "promotion", settings.data_dir):
+        return rollback(_client(settings), settings.pipeline.model_name, by, why)
+
+
 def deployed_model_dir(comparison: Comparison, decision: GateDecision) -> str | None:
     """The model serving after a run's decision: the challenger if promoted, else the champion it was held to."""
     if decision.verdict == "promote":
@@ -501,6 +624,73 @@ def record_rejection(settings: Settings, decision: GateDecision) -> dict[str, An
     return {"version": decision.version, "verdict": decision.verdict, "reason": decision.reason}
 
 
+def publish_features(settings: Settings, decision: GateDecision) -> dict[str, Any]:
+    """The promoted version's serving features into the online store, keyed by its version.
+
+    The servers poll the alias and switch to a new champion only once this has written its last key, so
+    until then they keep serving the version before. Skipped, with the reason, when the version is not (or no
+    longer) the champion, or when no online store is configured (``serve.redis_url`` empty).
+    """
+    from mtl_core.registry.aliases import CHAMPION, current_alias
+    from mtl_core.serving.online import OnlineStore
+
+    if not settings.serve.redis_url:
+        log.warning("serve.redis_url is empty: no online store, v%s's features are not published", decision.version)
+        return {"published": False, "reason": "serve.redis_url is empty"}
+    champion = current_alias(_client(settings), decision.model_name, CHAMPION)
+    if champion != decision.version:
+        reason = f"v{decision.version} is not the champion (v{champion} is): nothing to publish"
+        log.warning("%s", reason)
+        return {"published": False, "reason": reason}
+    compared = Comparison.load(RegisteredModel.load(decision.registered).comparison)
+    challenger = TrainedModel.load(compared.challenger)
+    _, holdout_scores = compared.holdout_predictions()
+    manifest = OnlineStore(settings, decision.model_name).publish(
+        decision.version,
+        challenger.model_dir,
+        ExampleSet.load(compared.examples).snapshot,
+        reference_scores=holdout_scores,
+    )
+    return {"published": True, "version": decision.version, **manifest}
+
+
+def candidates_file(settings: Settings, interval_end: Any) -> Path | None:
+    """The next day's candidate pairs of ``serve.candidates`` ("{ds}": the interval's end day), if configured."""
+    if not settings.serve.candidates:
+        return None
+    return Path(settings.serve.candidates.replace("{ds}", _as_datetime(interval_end).strftime("%Y-%m-%d")))
+
+
+def score_candidates(settings: Settings, interval_end: Any) -> dict[str, Any]:
+    """Batch scores of the next day's candidate pairs by the champion, beside the run's other outputs."""
+    from mtl_core.serving.batch import score_file
+
+    candidates = candidates_file(settings, interval_end)
+    if candidates is None:
+        return {"scored": False, "reason": "serve.candidates is empty"}
+    day = _as_datetime(interval_end).strftime("%Y-%m-%d")
+    out = settings.data_dir / "scores" / f"{day}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return {"scored": True, **score_file(settings, candidates, out, alias="champion", progress=False)}
+
+
+def monitor_served_scores(settings: Settings) -> dict[str, Any]:
+    """The champion's served scores per task against its holdout's; raises ``ScoresShifted`` past the threshold."""
+    from mtl_core.quality.drift import check_scores, score_drift
+    from mtl_core.registry.aliases import CHAMPION, current_alias
+    from mtl_core.serving.online import OnlineStore
+
+    model = settings.pipeline.model_name
+    version = current_alias(_client(settings), model, CHAMPION)
+    if version is None:
+        return {"status": "no champion"}
+    store = OnlineStore(settings, model)
+    report = score_drift(store.reference_scores(version), store.served_scores(version), settings.drift)
+    report["version"] = version
+    check_scores(report, model, version)
+    return report
+
+
 def oncall_message(dag_id: str, run_id: str, task_id: str, reason: str, settings: Settings, snapshot: str = "?") -> str:
     """The one message an on-call engineer gets when a task fails: what, where, why, and what to do next."""
     hint = NEXT_STEP.get(task_id, "see the task log").format(
@@ -515,6 +705,8 @@ def oncall_message(dag_id: str, run_id: str, task_id: str, reason: str, settings
         else "unchanged (a failed run never moves it)."
     )
     section = RUNBOOK_SECTION.get(task_id, "contents")
+    if task_id == "validate" and "drift.on_drift is stop" in reason:  # quality.drift.DriftDetected
+        section = DRIFT_SECTION
     return (
         f"[mtl] DAG {dag_id}, run {run_id}: task {task_id} failed.\n"
         f"Reason: {reason}\n"

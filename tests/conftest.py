@@ -17,6 +17,37 @@ from mtl_core.data import warehouse as wh
 # The local server of the development and CI machines; override to point the tests elsewhere.
 # Not MTL_*: that prefix belongs to the settings, which refuse a variable they do not know.
 PG_ADMIN_URL = os.environ.get("MTLTEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# Every run that promotes publishes the champion's features to the online store on the local Redis (the
+# default serve.redis_url): this session's keys get a prefix of their own, so tests never read a stale
+# version of another session (or of `make demo`), and are removed at the end.
+REDIS_URL = os.environ.get("MTLTEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SESSION_KEY_PREFIX = f"mtltest-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_online_store() -> Iterator[None]:
+    os.environ.setdefault("MTL_SERVE__REDIS_URL", REDIS_URL)
+    os.environ["MTL_SERVE__KEY_PREFIX"] = SESSION_KEY_PREFIX
+    # Building the int8 and ONNX variants adds seconds to every registration: the tests that need them
+    # (test_variants, the DAG's drift run) ask for them.
+    os.environ.setdefault("MTL_SERVE__BUILD_VARIANTS", "false")
+    yield
+    drop_redis_keys(SESSION_KEY_PREFIX)
+
+
+def drop_redis_keys(prefix: str) -> None:
+    """Remove every key under ``prefix`` (a test's own, or the session's)."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ.get("MTL_SERVE__REDIS_URL", REDIS_URL), socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.unlink(*keys[start : start + 1000])
+    except redis.RedisError:
+        pass  # no Redis: nothing was written
+    finally:
+        client.close()
 
 
 @pytest.fixture

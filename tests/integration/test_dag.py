@@ -114,7 +114,9 @@ def first_run(installation):
 def drift_run(installation, first_run):
     settings, _ = installation
     # With the single-task baselines: their lifts must reach the comparison, the MLflow run and the version.
-    states = _run(settings, WEEK[7], {"settings": {"pipeline": {"single_task_baselines": True}}})
+    # And with the int8 and ONNX variants, which the session's environment turns off elsewhere.
+    conf = {"pipeline": {"single_task_baselines": True}, "serve": {"build_variants": True, "variant_timing_calls": 20}}
+    states = _run(settings, WEEK[7], {"settings": conf})
     version = _registry(settings)["challenger"]
     mv = _client(settings).get_model_version(settings.pipeline.model_name, str(version))
     return {
@@ -123,6 +125,8 @@ def drift_run(installation, first_run):
         "decision": _decision(settings, version),
         "comparison": _latest_comparison(settings),
         "run_metrics": _client(settings).get_run(mv.run_id).data.metrics,
+        "run_tags": _client(settings).get_run(mv.run_id).data.tags,
+        "version": version,
         "description": mv.description,
     }
 
@@ -171,6 +175,11 @@ def test_the_dag_folder_has_no_import_errors(installation):
     assert dag.get_task("extract").retries == 0 and set(dag.task_ids) >= {"validate", "gate", "promote"}
     for task in ("extract", "train_challenger", "register"):  # training resumes from its checkpoint on a retry
         assert dag.get_task(task).retry_exponential_backoff, task
+    # After a promotion, and only then: the features published, then the day's candidates scored.
+    assert dag.get_task("publish_features").upstream_task_ids == {"promote"}
+    assert dag.get_task("score_candidates").upstream_task_ids == {"publish_features"}
+    monitor = bag.get_dag("mtl_serving_monitor")
+    assert monitor.task_ids == ["check_served_scores"] and monitor.max_active_runs == 1 and not monitor.catchup
 
 
 def test_first_run_promotes(first_run):
@@ -189,6 +198,30 @@ def test_run_after_drift_promotes_when_every_task_improves(drift_run):
     assert improved, {t: (e["challenger"]["auc"], e["champion"]["auc"]) for t, e in tasks.items()}
     assert drift_run["decision"]["gate.verdict"] == "promote" and states["promote"] == "success"
     assert drift_run["after"]["champion"] == 2 and drift_run["after"]["previous"] == 1
+
+
+def test_a_promoted_version_has_its_variants_drift_review_page_card_and_published_features(drift_run):
+    from mtl_core.serving.online import OnlineStore
+
+    settings = load_settings()
+    metrics, tags = drift_run["run_metrics"], drift_run["run_tags"]
+    for task in TASKS:
+        for variant in ("int8", "onnx"):
+            assert f"variant.{variant}.auc_delta.{task}" in metrics, (variant, task)
+    assert tags["mtl.variants"] and not tags["mtl.variants"].startswith("failed"), tags["mtl.variants"]
+    assert "drift/max_psi" in metrics and "mtl.drift" in tags
+    client = _client(settings)
+    artifacts = {
+        a.path
+        for a in client.list_artifacts(
+            client.get_model_version(settings.pipeline.model_name, str(drift_run["version"])).run_id, "review"
+        )
+    }
+    assert "review/review.html" in artifacts, artifacts
+    assert "## Model card" in drift_run["description"]
+    store = OnlineStore(settings, settings.pipeline.model_name)
+    assert store.is_published(drift_run["version"]) and drift_run["after"]["champion"] == drift_run["version"]
+    assert set(store.reference_scores(drift_run["version"])) == set(TASKS)
 
 
 def test_single_task_baselines_log_each_tasks_lift_with_its_interval(drift_run):

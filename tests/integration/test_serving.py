@@ -379,3 +379,35 @@ def test_a_new_champion_serves_once_published_and_no_request_fails_during_the_sw
     assert health["waiting"] is None and health["version"] == v2
     metrics = call(base, "/metrics", token=None)[2]
     assert f"mtl_serve_model_version {float(v2)}" in metrics and _sample(metrics, "mtl_serve_switches_total") == 2.0
+
+
+def test_the_monitor_raises_the_oncall_message_once_served_scores_move_away_from_the_holdouts(stack):
+    """The hourly mtl_serving_monitor's step on the champion the server follows: its holdout scores published as
+    `mtl publish` does, served scores like them pass, served scores piled on one value raise the message."""
+    from mtl_core import pipeline
+    from mtl_core.quality.drift import ScoresShifted
+    from mtl_core.serving.online import publish_registered
+
+    settings = stack["settings"]
+    settings = settings.model_copy(
+        update={
+            "serve": settings.serve.model_copy(update={"served_sample": 2000}),
+            "drift": settings.drift.model_copy(update={"min_served": 200}),
+        }
+    )
+    version = publish_registered(settings, stack["root"] / "snap")["version"]
+    store = OnlineStore(settings)
+    reference = store.reference_scores(version)
+    tasks = list(reference)
+    rng = np.random.default_rng(0)
+    like_holdout = np.column_stack([rng.choice(reference[t], 2000) for t in tasks])
+    store.record_served(version, tasks, like_holdout)
+    report = pipeline.monitor_served_scores(settings)
+    assert report["version"] == version and report["shifted"] == [], report
+
+    store.record_served(version, tasks, np.full((2000, len(tasks)), 0.97))
+    with pytest.raises(ScoresShifted) as shifted:
+        pipeline.monitor_served_scores(settings)
+    message = str(shifted.value)
+    assert f"v{version}" in message and all(t in message for t in tasks), message
+    assert message.endswith("Runbook: docs/RUNBOOK.md#served-scores-shifted"), message

@@ -183,3 +183,28 @@ def test_the_variant_is_chosen_as_the_server_chooses_it(serving_shop, champion, 
     assert pq.read_table(tmp_path / "fastest.parquet").equals(pq.read_table(tmp_path / "fp32.parquet"))
     with pytest.raises(ServingError, match="unknown model variant 'int9': expected one of fp32, int8, onnx, fastest"):
         score_file(settings, path, tmp_path / "out.parquet", variant="int9", progress=False)
+
+
+def test_the_dags_score_candidates_step_scores_the_days_file_into_the_data_dir(champion, candidates, tmp_path):
+    from mtl_core import pipeline
+
+    path, frame = candidates
+    day_file = tmp_path / "candidates-2026-02-09.parquet"
+    day_file.write_bytes(path.read_bytes())
+    settings = champion["settings"].model_copy(
+        update={
+            "data_dir": tmp_path / "data",
+            "serve": champion["settings"].serve.model_copy(
+                update={"candidates": str(tmp_path / "candidates-{ds}.parquet")}
+            ),
+        }
+    )
+    assert pipeline.candidates_file(settings, "2026-02-09T00:00:00+00:00") == day_file
+    result = pipeline.score_candidates(settings, "2026-02-09T00:00:00+00:00")
+    scored = pd.read_parquet(tmp_path / "data" / "scores" / "2026-02-09.parquet")
+    assert result["scored"] and result["rows"] == len(frame) == len(scored)
+    assert (scored["model_version"] == champion["version"]).all()
+    off = champion["settings"].model_copy(
+        update={"serve": champion["settings"].serve.model_copy(update={"candidates": ""})}
+    )
+    assert pipeline.score_candidates(off, "2026-02-09") == {"scored": False, "reason": "serve.candidates is empty"}
