@@ -220,11 +220,12 @@ def main() -> None:
                 seconds = time.perf_counter() - began
                 results[form] = {**online, "batch_rows_per_s": round(scored["rows"] / seconds)}
         finally:
-            from mtl_core.serving.online import OnlineStore
+            import redis
 
-            store = OnlineStore(settings, settings.pipeline.model_name)
-            for key in store.redis.scan_iter(match=f"{prefix}:*", count=1000):
-                store.redis.unlink(key)
+            client = redis.Redis.from_url(settings.serve.redis_url)
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                client.unlink(key)
+            client.close()
 
     report = built["report"]
     auc = {

@@ -92,9 +92,10 @@ class OnCallNotifier(BaseNotifier):
         reason = str(context.get("exception") or "unknown (see the task log)")
         message = oncall_message(context["dag"].dag_id, context["run_id"], ti.task_id, reason, SETTINGS, snapshot)
         log.error(message)
-        if SETTINGS.pipeline.webhook_url:
+        webhook = SETTINGS.pipeline.webhook_url.get_secret_value()
+        if webhook:
             request = urllib.request.Request(
-                SETTINGS.pipeline.webhook_url,
+                webhook,
                 data=json.dumps({"text": message}).encode(),
                 headers={"Content-Type": "application/json"},
             )

@@ -247,8 +247,10 @@ class PipelineSettings(_Strict):
     # log each task's joint-minus-single AUC lift with its interval: the multi-task model's reason to exist,
     # measured on every run. It costs one more training per task, so it is off in the demo.
     single_task_baselines: bool = False
-    # On-call notifications: a URL to POST the failure message to (empty: the task log only).
-    webhook_url: str = ""
+    # On-call notifications: a URL to POST the failure message to (empty: the task log only). A secret: chat
+    # webhooks carry their token in the path, so it is excluded from every dump of the settings (MLflow params,
+    # config/settings.json), like the pseudonym key.
+    webhook_url: SecretStr = Field(SecretStr(""), exclude=True)
     retries: int = Field(2, ge=0)
     # The Celery queue of the train task: bind it to GPU (or big) workers with `airflow celery worker
     # --queues training` and set this to "training"; every other task stays on the default queue.
@@ -436,6 +438,7 @@ def merge_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     # The secrets are excluded from model_dump, so carry them over by hand.
     merged.privacy = settings.privacy
     merged.serve.token = settings.serve.token
+    merged.pipeline.webhook_url = settings.pipeline.webhook_url
     if merged.pipeline.allow_gate_overrides != settings.pipeline.allow_gate_overrides:
         raise ConfigError(
             "a run's conf cannot change pipeline.allow_gate_overrides; set it in the settings file or with "

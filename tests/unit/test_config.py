@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_core.config import ConfigError, load_settings
+from mtl_core.config import ConfigError, load_settings, redact
 
 
 def test_defaults_put_everything_under_the_data_dir(tmp_path):
@@ -135,3 +135,25 @@ def test_a_connections_fields_become_the_url_sqlalchemy_and_mlflow_accept_withou
     ):
         with pytest.raises(ConfigError, match=match):
             connection_url(*bad)
+
+
+def test_secrets_are_in_no_dump_of_the_settings_and_survive_a_runs_conf():
+    from mtl_core.config import merge_overrides
+    from mtl_core.registry.runs import flatten_settings
+
+    secrets = {
+        "MTL_SERVE__TOKEN": "serve-token-5f1e",
+        "MTL_PIPELINE__WEBHOOK_URL": "https://hooks.example.com/services/T000/B000/webhook-secret-9a2c",
+        "MTL_PRIVACY__PSEUDONYM_KEY": "pseudonym-key-77d0",
+        "MTL_SERVE__REDIS_URL": "redis://:redis-pass-31@127.0.0.1:6379/0",
+    }
+    settings = load_settings(environ=secrets)
+    merged = merge_overrides(settings, {"train": {"epochs": 1}})
+    dumps = [settings.model_dump_json(), str(flatten_settings(settings)), redact(settings.model_dump_json())]
+    for secret in ("serve-token-5f1e", "webhook-secret-9a2c", "pseudonym-key-77d0"):
+        assert not any(secret in dump for dump in dumps), secret
+    assert "redis-pass-31" not in str(flatten_settings(settings)) and "redis-pass-31" not in dumps[2]
+    assert merged.serve.token.get_secret_value() == "serve-token-5f1e"
+    assert merged.pipeline.webhook_url.get_secret_value().endswith("webhook-secret-9a2c")
+    with pytest.raises(ConfigError, match="serve.token"):
+        merge_overrides(settings, {"serve": {"token": "other"}})
