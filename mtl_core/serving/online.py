@@ -871,15 +871,25 @@ class OnlineStore:
         return Assembled(examples=examples, texts=matrix, cold_user=~user_known, cold_item=~entity_known)
 
     # -- scores for the monitor
-    def record_served(self, version: int, task_names: list[str], probs: np.ndarray) -> None:
-        """Keep the newest ``serve.served_sample`` served scores per task (LPUSH + LTRIM, one round trip)."""
+    def record_served(
+        self, version: int, task_names: list[str], probs: np.ndarray, rows_of: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Keep the newest ``serve.served_sample`` served scores per task (LPUSH + LTRIM, one round trip).
+
+        ``rows_of``: per task, which rows count (a boolean mask): the monitor compares a task's served scores
+        with its holdout's, which hold only rows of the task's own sample space (ad_ctr's are ad impressions),
+        so a feed row's ad_ctr score is no evidence of a shift. Without it, every row counts for every task.
+        """
         probs = np.asarray(probs, dtype=np.float32).reshape(-1, len(task_names))
         if not len(probs):
             return
         pipe = self._redis.pipeline(transaction=False)
         for t, task in enumerate(task_names):
+            values = probs[:, t] if rows_of is None else probs[rows_of[task], t]
+            if not len(values):
+                continue
             key = self._served(version, task)
-            pipe.lpush(key, *[value.tobytes() for value in probs[:, t]])
+            pipe.lpush(key, *[value.tobytes() for value in values])
             pipe.ltrim(key, 0, self.settings.serve.served_sample - 1)
         self._call(f"recording v{version}'s served scores", pipe.execute)
 

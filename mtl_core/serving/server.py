@@ -536,22 +536,26 @@ def create_app(settings: Settings, alias: str = "champion") -> FastAPI:
         # session is thread-safe), so concurrent requests score at once.
         probs = served.scorer.score(assembled.examples, assembled.texts)
         # The metrics and the monitor's sample are written after the answer is sent, off the client's clock.
-        recording = BackgroundTask(_record, served, probs, assembled.cold_user, assembled.cold_item)
+        spaces = assembled.examples.raw["space"]
+        recording = BackgroundTask(_record, served, probs, assembled.cold_user, assembled.cold_item, spaces)
         return Response(_answer(served, probs, assembled), media_type="application/json", background=recording)
 
-    def _record(served: Served, probs: np.ndarray, cold_user: np.ndarray, cold_item: np.ndarray) -> None:
+    def _record(
+        served: Served, probs: np.ndarray, cold_user: np.ndarray, cold_item: np.ndarray, spaces: np.ndarray
+    ) -> None:
         metrics.rows.inc(len(probs))
         cold_users, cold_items = int(cold_user.sum()), int(cold_item.sum())
         if cold_users:
             metrics.cold.labels("user").inc(cold_users)
         if cold_items:
             metrics.cold.labels("item").inc(cold_items)
+        rows_of = task_rows(served, spaces)
         for t, task in enumerate(served.task_names):
             histogram = metrics.scores.labels(task)
-            for p in probs[:, t].tolist():
+            for p in probs[rows_of[task], t].tolist():
                 histogram.observe(p)
         try:
-            store.record_served(served.version, list(served.task_names), probs)
+            store.record_served(served.version, list(served.task_names), probs, rows_of)
         except Exception as exc:  # the monitor's sample is not worth a failed request
             metrics.record_errors.inc()
             log.warning("recording served scores of v%d failed: %s", served.version, _one_line(exc))
@@ -584,6 +588,18 @@ def create_app(settings: Settings, alias: str = "champion") -> FastAPI:
 
     app.add_middleware(_AuthAndMetrics, expected=token.encode(), metrics=metrics)
     return app
+
+
+# A request row is a feed impression (item_id) or an ad impression (ad_id); a task scored on clicks (cvr as
+# p(buy | click)) is served on feed rows. Churn (users) has no request rows: /predict serves it as a
+# by-product, and its served scores are not comparable with its holdout's.
+SERVED_SPACE = {"feed": "feed", "clicks": "feed", "ads": "ads", "users": "users"}
+
+
+def task_rows(served: Served, spaces: np.ndarray) -> dict[str, np.ndarray]:
+    """Per task, the rows of its own sample space: what its served-score histogram and monitor sample hold."""
+    space_of = {task.name: SERVED_SPACE[task.sample_space] for task in served.scorer.settings.tasks}
+    return {task: spaces == space_of.get(task) for task in served.task_names}
 
 
 def _answer(served: Served, probs: np.ndarray, assembled) -> bytes:

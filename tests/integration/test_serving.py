@@ -203,6 +203,32 @@ def test_unknown_users_and_items_get_cold_start_scores_and_flags(stack):
     assert np.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all()
 
 
+def test_each_task_keeps_the_served_scores_of_its_own_sample_space_for_the_monitor(stack):
+    """ad_ctr's holdout holds ad impressions only, so only ad rows' ad_ctr scores are comparable with it."""
+    base, store, version = stack["base"], stack["store"], stack["v1"]
+
+    def counts():
+        return {task: len(scores) for task, scores in store.served_scores(version).items()}
+
+    before = counts()
+    rows = known_rows(stack)
+    feed = sum("item_id" in r for r in rows)
+    assert call(base, "/predict", rows)[0] == 200
+    after = wait_until(
+        # Both lists moved: the server writes them in one pipeline, which a read may see half-applied.
+        lambda: (
+            (c := counts()).get("ctr", 0) > before.get("ctr", 0) and c.get("ad_ctr", 0) > before.get("ad_ctr", 0) and c
+        ),
+        "the served scores",
+        10,
+        [stack["server"]],
+        0.2,
+    )
+    assert after["ctr"] - before.get("ctr", 0) == after["cvr"] - before.get("cvr", 0) == feed
+    assert after["ad_ctr"] - before.get("ad_ctr", 0) == len(rows) - feed
+    assert after.get("churn", 0) == before.get("churn", 0) == 0  # no request row is a user row
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
