@@ -131,6 +131,9 @@ def mlflow_server(backend_url: str, artifacts: Path, log_dir: Path) -> Iterator[
         server.stop()
 
 
+SESSION_SERVE_VARIABLES = ("MTL_SERVE__REDIS_URL", "MTL_SERVE__KEY_PREFIX", "MTL_SERVE__BUILD_VARIANTS")
+
+
 def airflow_env(home: Path, metadata_url: str, **extra: str) -> dict[str, str]:
     """The environment of one Airflow installation whose metadata lives on ``metadata_url``."""
     from mtl_core.local_airflow import DAGS_FOLDER
@@ -141,6 +144,8 @@ def airflow_env(home: Path, metadata_url: str, **extra: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith(("AIRFLOW", "MTL_", "MLFLOW_TRACKING")) or key.startswith("MTLTEST_")
     }
+    # The session's online store (conftest): its own key prefix, and no int8/ONNX variants to build.
+    env.update({key: os.environ[key] for key in SESSION_SERVE_VARIABLES if key in os.environ})
     env.update(
         {
             "AIRFLOW_HOME": str(home),
