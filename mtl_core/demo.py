@@ -111,6 +111,13 @@ def run_demo(base: Settings, users: int, items: int, say: Callable[[str], None])
     for line in _reference_lines(settings, shipped, trained_runs):
         say(line)
     say(f"\nreview in the MLflow UI: mlflow ui --backend-store-uri {settings.resolved_mlflow_tracking_uri}")
+    pages = sorted(settings.data_dir.glob("runs/*/review_v*.html"), key=lambda page: page.stat().st_mtime)
+    if pages:
+        say(f"each version's reviewer page (open in a browser), e.g. the newest: {pages[-1]}")
+    say(
+        f"serve the champion (its features are in the online store): MTL_DATA_DIR={settings.data_dir} "
+        "MTL_SERVE__TOKEN=<a secret> mtl serve --port 8000"
+    )
     say(f"demo took {time.perf_counter() - began:.0f} s")
 
 
