@@ -228,7 +228,10 @@ def mtl_retrain():
     gate(registered) >> [promoted, record_rejection()]
     published = publish_features()
     promoted >> published
-    score_candidates(published)
+    # Only when serve.candidates names a file (read when the DAG is parsed, like the train queue): a task
+    # that would skip on every run is not scheduled at all.
+    if SETTINGS.serve.candidates:
+        score_candidates(published)
 
 
 mtl_retrain()

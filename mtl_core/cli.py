@@ -362,7 +362,9 @@ def score_command(
     candidates: Annotated[Path, typer.Option(help="Parquet file: user_id with item_id or ad_id (optional time)")],
     out: Annotated[Path, typer.Option(help="Parquet file to write: the candidates with one score column per task")],
     alias: Annotated[str, typer.Option(help="Score with the version holding this alias")] = "champion",
-    variant: Annotated[str | None, typer.Option(help="Model form: fp32 (default), int8, onnx or fastest")] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Model form: fp32, int8, onnx or fastest (default: serve.variant)")
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:

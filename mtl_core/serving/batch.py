@@ -102,8 +102,8 @@ def score_file(
 ) -> dict[str, Any]:
     """Score every row of ``candidates`` (``user_id`` with ``item_id`` or ``ad_id``; optional ``time``,
     ``position``) with the model ``alias`` names, in the form ``variant`` (fp32, int8, onnx or fastest; default
-    fp32), into ``out``: the candidate columns, one probability column per task, ``cold_user``, ``cold_item`` and
-    ``model_version``.
+    ``serve.variant``, the form the servers use), into ``out``: the candidate columns, one probability column
+    per task, ``cold_user``, ``cold_item`` and ``model_version``.
 
     Rows without a time are scored as of the start of the call, all of them at the same moment.
     """
@@ -112,7 +112,7 @@ def score_file(
     from mtl_core.learn.variants import CHOICES, load_scorer
 
     started = time.perf_counter()
-    variant = variant or "fp32"
+    variant = variant or settings.serve.variant
     if variant not in CHOICES:
         raise ServingError(f"unknown model variant {variant!r}: expected one of {', '.join(CHOICES)}")
     candidates, out = Path(candidates), Path(out)

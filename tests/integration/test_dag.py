@@ -115,7 +115,7 @@ def drift_run(installation, first_run):
     settings, _ = installation
     # With the single-task baselines: their lifts must reach the comparison, the MLflow run and the version.
     # And with the int8 and ONNX variants, which the session's environment turns off elsewhere.
-    conf = {"pipeline": {"single_task_baselines": True}, "serve": {"build_variants": True, "variant_timing_calls": 20}}
+    conf = {"pipeline": {"single_task_baselines": True}, "serve": {"build_variants": True, "variant_timing_calls": 10}}
     states = _run(settings, WEEK[7], {"settings": conf})
     version = _registry(settings)["challenger"]
     mv = _client(settings).get_model_version(settings.pipeline.model_name, str(version))
@@ -177,7 +177,11 @@ def test_the_dag_folder_has_no_import_errors(installation):
         assert dag.get_task(task).retry_exponential_backoff, task
     # After a promotion, and only then: the features published, then the day's candidates scored.
     assert dag.get_task("publish_features").upstream_task_ids == {"promote"}
-    assert dag.get_task("score_candidates").upstream_task_ids == {"publish_features"}
+    assert "score_candidates" not in dag.task_ids  # serve.candidates is empty: nothing to score
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MTL_SERVE__CANDIDATES", "/data/candidates-{ds}.parquet")
+        scoring = DagBag(dag_folder=str(DAGS_FOLDER)).get_dag("mtl_retrain")
+    assert scoring.get_task("score_candidates").upstream_task_ids == {"publish_features"}
     monitor = bag.get_dag("mtl_serving_monitor")
     assert monitor.task_ids == ["check_served_scores"] and monitor.max_active_runs == 1 and not monitor.catchup
 
