@@ -95,6 +95,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a whole file (memoised while its size and mtime stay the same)."""
+    stat = os.stat(path)
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def _model_fingerprint(model_dir: Path) -> str:
     """SHA-256 over the content of every file in ``model_dir`` that can change the vectors.
 

@@ -20,7 +20,6 @@ Neither variant holds a text encoder: text reaches them as vectors (the online s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from mtl_core.learn.batches import Batch, TensorData, predict
 from mtl_core.learn.checkpoint import MODEL_FILE, LoadedModel, load_model
 from mtl_core.learn.examples import Examples, FeatureSpace
 from mtl_core.learn.models import MultiTaskModel
-from mtl_core.learn.text import text_matrix, uses_word_vectors
+from mtl_core.learn.text import file_sha256, text_matrix, uses_word_vectors
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +471,7 @@ def build_variants(
         files = {"fp32": model_dir / MODEL_FILE, "int8": staging / INT8_FILE, "onnx": staging / ONNX_FILE}
         task_rows = _task_rows(examples, rows)
         report: dict[str, Any] = {
-            "model_sha256": _sha256(model_dir / MODEL_FILE),
+            "model_sha256": file_sha256(model_dir / MODEL_FILE),
             "max_auc_loss": bound,
             "holdout_rows": len(rows),
             "calibration_rows": len(calibration.labels),
@@ -648,14 +647,6 @@ def _relative(path: Path, root: Path) -> str:
         return path.name  # the fp32 weights live in the model directory, not among the variants
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
 
@@ -744,7 +735,7 @@ def load_scorer(
     variants_dir = Path(variants_dir)
     report = read_report(variants_dir)
     weights = model_dir / MODEL_FILE
-    if weights.is_file() and report.get("model_sha256") != _sha256(weights):
+    if weights.is_file() and report.get("model_sha256") != file_sha256(weights):
         raise VariantError(
             f"the variants in {variants_dir} were built from another model than {model_dir} (weights differ): "
             "download the variants of this version, or set serve.variant to fp32"

@@ -208,7 +208,8 @@ def test_bad_inputs_are_named(review):
 def browser():
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.skip("no Chromium binary on PATH: install Debian's chromium (apt-get install chromium; .ci/run does)")
+        # Not a skip: the browser test is the page's only proof that it renders; .ci/run installs Chromium.
+        pytest.fail("no Chromium binary on PATH: install Debian's chromium (apt-get install chromium; .ci/run does)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
