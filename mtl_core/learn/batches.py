@@ -46,19 +46,43 @@ class TensorData:
         space: FeatureSpace,
         texts: np.ndarray | None,
         tokens: dict[str, torch.Tensor] | None = None,
+        packed_words: bool = False,
     ):
         encoded = examples.encode(space)
-        self.inputs = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in encoded.items()}
+        # A feature with an empty vocabulary (an id the model does not learn) is 0 on every row: batches get
+        # zeros instead of a gather per step.
+        self.zeros = [name for name, vocab in space.vocabs.items() if len(vocab) == 1 and name in encoded]
+        self.inputs = {
+            name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in encoded.items() if name not in self.zeros
+        }
         self.labels = torch.from_numpy(examples.labels)
         self.texts = torch.from_numpy(texts) if texts is not None else None
         # Fine-tuning: every distinct text tokenised once (row 0: no text); batches encode their own texts.
         self.tokens = tokens
+        self.words = self.text_words = None
+        if packed_words and self.texts is not None and self.texts.dim() == 3:
+            # Word vectors by word: each distinct word vector once, and each text as word ids (-1: padding).
+            # A batch then hands the model each of its distinct words once (a few hundred) instead of every
+            # text's 16 padded word slots, and the per-word layer runs on those alone.
+            real = self.texts.abs().sum(dim=2) > 0
+            self.words, ids = torch.unique(self.texts[real], dim=0, return_inverse=True)
+            self.text_words = torch.full(real.shape, -1, dtype=torch.int64)
+            self.text_words[real] = ids
 
     def batch(self, rows: np.ndarray, drawn_for: np.ndarray | None = None) -> Batch:
         index = torch.from_numpy(rows)
         inputs = {name: tensor[index] for name, tensor in self.inputs.items()}
+        inputs.update({name: torch.zeros(len(rows), dtype=torch.int64) for name in self.zeros})
         text = None
-        if self.texts is not None and self.texts.dim() == 3:
+        if self.words is not None:
+            unique, inputs["text_row"] = torch.unique(inputs["text"], return_inverse=True)
+            ids = self.text_words[unique]  # [distinct texts, words]
+            slots = ids >= 0
+            words, inputs["word_of"] = torch.unique(ids[slots], return_inverse=True)
+            inputs["word_text"] = slots.nonzero()[:, 0]  # which distinct text each word slot belongs to
+            inputs["text_words"] = slots.sum(dim=1)
+            text = self.words[words]
+        elif self.texts is not None and self.texts.dim() == 3:
             # Word vectors are [words, dim] per text: gather each distinct text of the batch once and tell
             # the model which row is which (a batch of 1024 rows holds a few hundred distinct titles).
             unique, inputs["text_row"] = torch.unique(inputs["text"], return_inverse=True)

@@ -98,6 +98,8 @@ class Vocab:
         return len(self.values) + 1
 
     def lookup(self, raw: np.ndarray | pd.Series) -> np.ndarray:
+        if not self.values:  # an id the model does not learn: every value is out of vocabulary
+            return np.zeros(len(raw), dtype=np.int64)
         positions = self._index.get_indexer(pd.Index(np.asarray(raw, dtype=object)))
         return (positions + 1).astype(np.int64)  # -1 (unseen) becomes 0
 

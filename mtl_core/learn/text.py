@@ -114,6 +114,13 @@ def _model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def _encoder_id(model_type: Any, fingerprint: str, max_length: int) -> str:
+    """``TextEncoder.encoder_id`` from the model's type, the fingerprint of its files and max_length."""
+    kind = re.sub(r"[^a-z0-9]+", "", str(model_type).lower())
+    key = f"{fingerprint}|max_length={max_length}|pooling={POOLING}"
+    return f"{kind or 'model'}-{POOLING}-len{max_length}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     """Refuse non-strings with a clear message (a missing title read by pandas arrives as NaN or None)."""
     texts = list(texts)
@@ -189,9 +196,7 @@ class TextEncoder(torch.nn.Module):
         while the same encoder finds its vectors again in every run. It describes the weights as loaded
         from disk; once fine-tuning has moved them (:attr:`weights_modified`) the vectors no longer match.
         """
-        model_type = re.sub(r"[^a-z0-9]+", "", str(getattr(self.model.config, "model_type", "model")).lower())
-        key = f"{self._fingerprint}|max_length={self.max_length}|pooling={POOLING}"
-        return f"{model_type or 'model'}-{POOLING}-len{self.max_length}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        return _encoder_id(getattr(self.model.config, "model_type", "model"), self._fingerprint, self.max_length)
 
     def _param_versions(self) -> list[int]:
         # Every in-place update (optimizer.step, load_state_dict, copy_) bumps a tensor's version counter,
@@ -339,6 +344,41 @@ def encoder_from_settings(settings: TextSettings) -> TextEncoder:
         finetune=settings.finetune,
         top_k=settings.top_k,
     )
+
+
+class LazyFrozenEncoder:
+    """A frozen encoder's identity (cache directory name, width) read from its files; the encoder itself is
+    loaded only when a text has to be encoded.
+
+    Loading MiniLM (transformers' BERT modules and 90 MB of weights) took 4-5 s of CPU in every training
+    run, while a run whose words are all in the cache encodes nothing. The identity is the loaded encoder's:
+    same ``encoder_id`` and ``dim``; a model directory this cannot read is loaded at once, so its error is
+    the encoder's own.
+    """
+
+    weights_modified = False  # frozen: nothing here trains it
+
+    def __init__(self, settings: TextSettings):
+        self.settings = settings
+        self.model_path = default_model_path() if not settings.model_path else Path(settings.model_path).expanduser()
+        self.model_path = self.model_path.resolve()
+        self.max_length = int(settings.max_length)
+        self._encoder: TextEncoder | None = None
+        try:
+            config = json.loads((self.model_path / "config.json").read_text())
+            self.encoder_id = _encoder_id(config["model_type"], _model_fingerprint(self.model_path), self.max_length)
+            self.dim = int(config.get("hidden_size") or config["d_model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            loaded = self.load()
+            self.encoder_id, self.dim = loaded.encoder_id, loaded.dim
+
+    def load(self) -> TextEncoder:
+        if self._encoder is None:
+            self._encoder = encoder_from_settings(self.settings)
+        return self._encoder
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        return self.load().encode(texts, batch_size=batch_size, progress=progress)
 
 
 class EmbeddingCache:
@@ -533,7 +573,7 @@ def text_matrix(
     if encoder is not None:
         vectors, dim = encoder.encode(texts, batch_size=settings.text.batch_size, progress=progress), encoder.dim
     else:
-        frozen = encoder_from_settings(settings.text)
+        frozen = LazyFrozenEncoder(settings.text)
         cache = EmbeddingCache(cache_dir, frozen)
         if uses_word_vectors(settings):
             return _word_matrix(texts, settings, cache, frozen.dim, progress)

@@ -297,7 +297,7 @@ def _train(
             texts = (
                 text_matrix(examples.texts, settings, cache_dir, progress and main) if settings.text.enabled else None
             )
-        data = TensorData(examples, space, texts)
+        data = TensorData(examples, space, texts, packed_words=True)
         text_in = texts.shape[-1] if texts is not None else 0
     model = build_model(
         space.sizes(),

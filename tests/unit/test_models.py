@@ -132,3 +132,51 @@ def test_transfer_starts_as_no_transfer_and_reads_the_source_tower_without_train
     assert transfer.transfers[0].weight.grad.abs().sum() > 0
     # cvr reads ctr's tower but never trains it (zeros, not None: the slice of the concatenated logits)
     assert all(p.grad is None or not p.grad.any() for p in transfer.towers[0].parameters())
+
+
+def test_relu_dropout_drops_at_its_rate_from_torchs_generator_and_only_in_training():
+    from mtl_core.learn.models.architectures import ReLUDropout
+
+    x = torch.ones(1000, 1000)
+    layer = ReLUDropout(0.1)
+    torch.manual_seed(3)
+    out = layer(x)
+    assert abs((out == 0).float().mean().item() - 0.1) < 0.002
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / 0.9))
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(x), out)  # the seed decides the mask
+    assert not torch.equal(layer(x), out)
+    assert torch.equal(layer(-x), torch.zeros_like(x))  # the ReLU
+    odd = torch.randn(3, 7, requires_grad=True)  # a size that is not a multiple of the four masks per draw
+    kept = layer(odd)
+    kept.sum().backward()
+    torch.testing.assert_close(odd.grad, kept.detach() / odd.detach().clamp_min(1e-12) * (odd > 0))
+    assert torch.equal(layer.eval()(x - 2), torch.relu(x - 2))
+    assert torch.equal(ReLUDropout(1.0).train()(odd), torch.zeros_like(odd))
+
+
+@pytest.mark.parametrize("architecture", ["mmoe", "ple"])
+def test_fused_experts_equal_separate_expert_layers(architecture):
+    """The fused layers compute what one layer per expert and per gate computes (the earlier layout)."""
+    from mtl_core.learn.models.architectures import PLE, MMoE
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 12)
+    if architecture == "mmoe":
+        model = MMoE(12, 3, 8, 4, dropout=0.0).eval()
+        weight, bias = model.experts.linear.weight, model.experts.linear.bias
+        experts = [torch.relu(x @ w.T + b) for w, b in zip(weight.split(8), bias.split(8), strict=True)]
+        gates = (x @ model.gates.weight.T + model.gates.bias).view(16, 3, 4).softmax(dim=2)
+        expected = [(gates[:, t].unsqueeze(2) * torch.stack(experts, dim=1)).sum(dim=1) for t in range(3)]
+    else:
+        model = PLE(12, 3, 8, 2, 2, 1, dropout=0.0).eval()
+        layer = model.layers[0]
+        weight, bias = layer.experts.linear.weight, layer.experts.linear.bias
+        experts = [torch.relu(x @ w.T + b) for w, b in zip(weight.split(8), bias.split(8), strict=True)]
+        gates = (x @ layer.gates.weight.T + layer.gates.bias).view(16, 3, 4).softmax(dim=2)
+        expected = []
+        for t in range(3):
+            chosen = torch.stack(experts[2 * t : 2 * t + 2] + experts[6:8], dim=1)  # own two, then the shared two
+            expected.append((gates[:, t].unsqueeze(2) * chosen).sum(dim=1))
+    for got, want in zip(model(x), expected, strict=True):
+        torch.testing.assert_close(got, want)

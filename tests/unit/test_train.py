@@ -334,3 +334,45 @@ def test_recency_weighted_training_spends_an_epoch_on_the_weights_sum(shop, sett
     recent = train_model(examples, tmp_path / "recent", settings, progress=False, recency_half_life_days=3.0)
     assert recent.steps < uniform.steps
     assert all(0 <= m["auc"] <= 1 for m in recent.metrics.values())
+
+
+def test_a_model_saved_before_the_experts_were_fused_loads_and_scores_the_same(shop, settings, tmp_path):
+    # A champion registered before the fused layout: its file holds one layer per expert and per gate.
+    from mtl_core.learn.checkpoint import MODEL_FILE
+
+    train_on_snapshot(shop / "mid", tmp_path / "m", settings, progress=False)
+    examples = build_examples(shop / "snap", settings.features, settings.tasks)
+    rows = np.arange(300)
+    expected = load_model(tmp_path / "m").predict(examples, rows)
+    stored = torch.load(tmp_path / "m" / MODEL_FILE, weights_only=True)
+    state = stored["state_dict"]
+    m = settings.model
+    n_tasks = len(settings.tasks)
+    prefix = "shared.layers.0."
+    experts = state.pop(prefix + "experts.linear.weight"), state.pop(prefix + "experts.linear.bias")
+    names = [f"task_experts.{t}.{j}" for t in range(n_tasks) for j in range(m.experts)]
+    names += [f"shared_experts.{j}" for j in range(m.shared_experts)]
+    for name, weight, bias in zip(names, experts[0].split(m.expert_dim), experts[1].split(m.expert_dim), strict=True):
+        state[f"{prefix}{name}.0.weight"], state[f"{prefix}{name}.0.bias"] = weight.clone(), bias.clone()
+    gates = state.pop(prefix + "gates.weight"), state.pop(prefix + "gates.bias")
+    width = m.experts + m.shared_experts
+    for t, (weight, bias) in enumerate(zip(gates[0].split(width), gates[1].split(width), strict=True)):
+        state[f"{prefix}task_gates.{t}.weight"], state[f"{prefix}task_gates.{t}.bias"] = weight.clone(), bias.clone()
+    torch.save(stored, tmp_path / "m" / MODEL_FILE)
+    np.testing.assert_allclose(load_model(tmp_path / "m").predict(examples, rows), expected, atol=1e-6)
+
+
+def test_packed_word_batches_score_as_padded_ones(shop, settings, tmp_path):
+    from mtl_core.learn.batches import TensorData, predict
+    from mtl_core.learn.text import text_matrix
+
+    train_on_snapshot(shop / "mid", tmp_path / "m", settings, progress=False)
+    loaded = load_model(tmp_path / "m")
+    examples = build_examples(shop / "snap", settings.features, settings.tasks)
+    texts = text_matrix(examples.texts, settings, settings.resolved_text_cache_dir, progress=False)
+    padded = TensorData(examples, loaded.space, texts)
+    packed = TensorData(examples, loaded.space, texts, packed_words=True)
+    rows = np.arange(0, len(examples), 3)
+    assert "word_of" in packed.batch(rows[:64]).inputs and "word_of" not in padded.batch(rows[:64]).inputs
+    assert len(packed.words) < (texts.any(axis=2)).sum()  # each distinct word once
+    np.testing.assert_allclose(predict(loaded.model, packed, rows), predict(loaded.model, padded, rows), atol=1e-6)

@@ -88,7 +88,16 @@ class InputEncoder(nn.Module):
         fields = [embedded[name] for name in self.names] + [self.dense_field(batch["numeric"])]
         if self.use_text:
             standardised = (text_embedding - self.text_mean) / self.text_std
-            if self.word_layer is not None:
+            if self.word_layer is not None and "word_of" in batch:
+                # Packed words (training, TensorData(packed_words=True)): each distinct word of the batch once;
+                # the same mean over each text's words as the padded form below.
+                per_word = self.word_layer(standardised)[batch["word_of"]]
+                pooled = per_word.new_zeros(len(batch["text_words"]), per_word.shape[1])
+                pooled = pooled.index_add(0, batch["word_text"], per_word)
+                standardised = (pooled / batch["text_words"].clamp_min(1).unsqueeze(1).to(pooled.dtype))[
+                    batch["text_row"]
+                ]
+            elif self.word_layer is not None:
                 is_word = (text_embedding.abs().sum(dim=2, keepdim=True) > 0).to(standardised.dtype)
                 per_word = self.word_layer(standardised) * is_word
                 standardised = per_word.sum(dim=1) / is_word.sum(dim=1).clamp_min(1.0)
