@@ -33,9 +33,21 @@ format: $(STAMP)
 	$(BIN)/ruff format mtl_core dags tests bench
 	$(BIN)/ruff check --fix --select I mtl_core dags tests bench
 
+## Every performance benchmark at this machine's size (issue 16; about 35 minutes on 2 cores, run alone): each
+## prints one JSON object, kept in $(BENCH_OUT)/<name>.json. bench/extract.py (weekly incremental extraction),
+## bench/serving.py and the quality benchmarks run by hand (README, "Benchmarks").
+BENCH_OUT ?= $(or $(MTL_DATA_DIR),data)/bench
+BENCHES   := peers text_cost end_to_end data_path scaling
+
 bench: $(STAMP)
-	$(BIN)/python bench/simulate_extract.py
-	$(BIN)/python bench/extract.py
+	@mkdir -p $(BENCH_OUT)
+	@set -e; for name in $(BENCHES); do \
+	  echo "== bench/$$name.py (stderr: $(BENCH_OUT)/$$name.log)"; \
+	  start=$$(date +%s); \
+	  MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python bench/$$name.py > $(BENCH_OUT)/$$name.json 2> $(BENCH_OUT)/$$name.log \
+	    || { echo "bench/$$name.py failed; its log: $(BENCH_OUT)/$$name.log"; tail -n 20 $(BENCH_OUT)/$$name.log; exit 1; }; \
+	  cat $(BENCH_OUT)/$$name.json; echo; echo "== bench/$$name.py took $$(( $$(date +%s) - start )) s"; \
+	done
 
 ## Check docker/ without a docker engine (nothing is built or started), in a virtualenv of its own:
 ##  1. docker-compose 1.29.2 (the last Python Compose) resolves docker-compose.yml with docker/.env.example

@@ -4,7 +4,8 @@ Loads ``--events`` behaviour events over ``--days`` days (with ``--users`` users
 fresh schema of the local PostgreSQL server with COPY, extracts the window [day 0, day N) into an empty
 day store, loads the next week's events (the same rate per day), and extracts the window one week on
 [day 7, day N + 7), which reuses every day it shares with the first. Each extraction runs in a fresh process,
-so its peak resident memory (``ru_maxrss``) is its own. The schema is dropped afterwards.
+so its peak resident memory (``VmHWM``: ``ru_maxrss`` of a child started by
+subprocess also counts the parent's peak on Linux) is its own. The schema is dropped afterwards.
 
 Prints one JSON object: load seconds, and per extraction the rows read from the warehouse, the rows of the
 window, seconds, rows read per second, the checksum query's seconds, days reused/extracted, the resident
@@ -38,7 +39,7 @@ LOAD_ROWS = 1_000_000  # rows generated and sent per COPY: bounds the loader's m
 GIB = 1024**3
 
 EXTRACT = """
-import json, logging, resource, sys, time
+import json, logging, sys, time
 from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot
 from mtl_core.data.pseudonyms import Pseudonymiser
@@ -61,7 +62,7 @@ print(json.dumps({
     "checksum_seconds": round(sum(t.get("checksum_seconds", 0) for t in tables.values()), 2),
     "behavior_days": tables["behavior_events"]["days"],
     "rss_before_mib": before,
-    "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "peak_rss_mib": round(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024),
 }))
 """
 

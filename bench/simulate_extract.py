@@ -19,7 +19,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 EXTRACT = """
-import json, resource, secrets, sys, time
+import json, secrets, sys, time
 from mtl_core.data import warehouse as wh
 from mtl_core.data.extract import extract_snapshot
 from mtl_core.data.pseudonyms import Pseudonymiser
@@ -29,7 +29,7 @@ manifest = extract_snapshot(wh.make_engine(url), start, end, out, Pseudonymiser(
 seconds = time.perf_counter() - began
 rows = sum(t["rows"] for t in manifest["tables"].values())
 print(json.dumps({"rows": rows, "seconds": round(seconds, 2), "rows_per_second": round(rows / seconds),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                  "peak_rss_mib": round(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)}))
 """
 
 
