@@ -28,8 +28,9 @@ began = time.perf_counter()
 manifest = extract_snapshot(wh.make_engine(url), start, end, out, Pseudonymiser(secrets.token_hex(32)))
 seconds = time.perf_counter() - began
 rows = sum(t["rows"] for t in manifest["tables"].values())
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps({"rows": rows, "seconds": round(seconds, 2), "rows_per_second": round(rows / seconds),
-                  "peak_rss_mib": round(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)}))
+                  "peak_rss_mib": round(peak)}))
 """
 
 
