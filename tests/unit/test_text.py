@@ -279,3 +279,31 @@ def test_word_matrix_holds_each_words_own_vector_padded_and_encodes_each_word_on
     np.testing.assert_allclose(matrix[4, :2], words[[2, 0]], atol=1e-5)  # lower-cased, punctuation dropped
     cache = EmbeddingCache(tmp_path, TextEncoder(tiny_path, max_length=settings.text.max_length))
     assert len(cache) == 7  # distinct words, each encoded once
+
+
+def test_a_full_cache_gives_the_text_matrix_without_loading_the_encoder(tiny_path, tmp_path, monkeypatch):
+    from mtl_core.config import Settings
+    from mtl_core.learn import text as text_module
+    from mtl_core.learn.text import LazyFrozenEncoder, text_matrix
+
+    settings = Settings(text=TextSettings(model_path=str(tiny_path), pooling="words", max_words=4))
+    lazy = LazyFrozenEncoder(settings.text)
+    loaded = TextEncoder(tiny_path, max_length=settings.text.max_length)
+    assert (lazy.encoder_id, lazy.dim) == (loaded.encoder_id, loaded.dim)  # the same cache directory
+    texts = ["premium leather shoes", "board game"]
+    first = text_matrix(texts, settings, tmp_path, progress=False)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the encoder was loaded although every word is in the cache")
+
+    monkeypatch.setattr(text_module, "encoder_from_settings", no_loading)
+    np.testing.assert_array_equal(text_matrix(texts, settings, tmp_path, progress=False), first)
+    with pytest.raises(AssertionError, match="the encoder was loaded"):
+        text_matrix(["a new word"], settings, tmp_path, progress=False)  # a miss loads it
+
+
+def test_an_unreadable_model_directory_is_the_encoders_own_error(tmp_path):
+    from mtl_core.learn.text import LazyFrozenEncoder
+
+    with pytest.raises(MtlError, match="does not exist"):
+        LazyFrozenEncoder(TextSettings(model_path=str(tmp_path / "missing")))
