@@ -251,6 +251,25 @@ def _one_size(events: int, args, copy_csv) -> dict:
     }
 
 
+def _check_server(pg_url: str) -> None:
+    """Refuse at once, with the fix, when the PostgreSQL server does not answer (before minutes of simulation)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        shown = engine.url.render_as_string(hide_password=True)
+        raise SystemExit(
+            f"data_path: cannot reach PostgreSQL at {shown} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+            "start the server or give another database with --pg-url (default: $MTLTEST_PG_URL)"
+        ) from None
+    finally:
+        engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000], help="behaviour events")
@@ -261,6 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+    _check_server(args.pg_url)
     copy_csv = _bench_extract()._copy_csv
     began = time.perf_counter()
     sizes = [_one_size(events, args, copy_csv) for events in sorted(args.events)]

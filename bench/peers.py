@@ -59,10 +59,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
+from shops import shop_examples
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_VENV = REPO / ".bench" / "peers-venv"
@@ -191,11 +191,6 @@ def peer_python() -> Path:
 def run_seed(args, seed: int, root: Path, python: Path, profile: str | None = None) -> dict:
     """One shop seed: every system trained on its examples and scored on its holdout."""
     from mtl_core.config import load_settings
-    from mtl_core.data import warehouse as wh
-    from mtl_core.data.extract import extract_snapshot
-    from mtl_core.data.pseudonyms import pseudonymiser_for
-    from mtl_core.data.shop import ShopSpec, write_shop
-    from mtl_core.learn.examples import build_examples
     from mtl_core.learn.text import text_matrix
 
     clock = _Stages()
@@ -206,15 +201,8 @@ def run_seed(args, seed: int, root: Path, python: Path, profile: str | None = No
     settings = settings.model_copy(
         update={"tasks": [t for t in settings.tasks if t.name in TASKS], "text_cache_dir": root / "text_cache"}
     )
-    engine = wh.make_engine(f"sqlite:///{work / 'warehouse.db'}")
-    start = date(2026, 1, 5)
-    spec = ShopSpec(users=args.users, items=args.items, days=args.days, start=start, seed=seed)
-    write_shop(engine, spec, replace=True)
+    examples = shop_examples(work, settings, args.users, args.items, args.days, seed)
     snapshot = work / "snapshot"
-    end = start + timedelta(days=args.days)
-    extract_snapshot(engine, start.isoformat(), end.isoformat(), snapshot, pseudonymiser_for(settings))
-    engine.dispose()
-    examples = build_examples(snapshot, settings.features, settings.tasks)
     rows = _rows(examples)
     clock.stage("shop_extract_examples")
     print(f"seed {seed}: {json.dumps(rows['counts'])}", file=sys.stderr, flush=True)

@@ -32,10 +32,10 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
+from shops import shop_examples
 
 
 def main() -> None:
@@ -105,24 +105,9 @@ def run(args, root: Path) -> dict:
 
 def build_shop(users: int, args, root: Path, settings):
     """One shop's examples (as bench/quality.py builds them) and its size."""
-    from mtl_core.data import warehouse as wh
-    from mtl_core.data.extract import extract_snapshot
-    from mtl_core.data.pseudonyms import pseudonymiser_for
-    from mtl_core.data.shop import ShopSpec, write_shop
-    from mtl_core.learn.examples import build_examples
-
     say(f"building the shop: {users} users, {args.items} items, {args.days} days, seed {args.seed} ...")
     t0 = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
-    start = date(2026, 1, 5)
-    write_shop(engine, ShopSpec(users=users, items=args.items, days=args.days, start=start, seed=args.seed))
-    snapshot = root / "snapshot"
-    end = start + timedelta(days=args.days)
-    extract_snapshot(engine, start.isoformat(), end.isoformat(), snapshot, pseudonymiser_for(settings))
-    engine.dispose()
-    (root / "warehouse.db").unlink()  # the snapshot has what training needs
-    examples = build_examples(snapshot, settings.features, settings.tasks)
+    examples = shop_examples(root, settings, users, args.items, args.days, args.seed, keep_warehouse=False)
     return examples, {"example_rows": len(examples.labels), "build_seconds": round(time.perf_counter() - t0, 1)}
 
 

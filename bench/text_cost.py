@@ -40,8 +40,9 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import date, timedelta
 from pathlib import Path
+
+from shops import shop_examples
 
 TARGET_RATIO = 50.0  # cached at least this many times faster per training example
 
@@ -173,23 +174,9 @@ def run(args, root: Path) -> dict:
 
 def build_shop(args, root: Path, settings):
     """The synthetic shop's examples (as bench/quality.py builds them) and its description."""
-    from mtl_core.data import warehouse as wh
-    from mtl_core.data.extract import extract_snapshot
-    from mtl_core.data.pseudonyms import pseudonymiser_for
-    from mtl_core.data.shop import ShopSpec, write_shop
-    from mtl_core.learn.examples import build_examples
-
     say(f"building the shop: {args.users} users, {args.items} items, {args.days} days, seed {args.seed} ...")
     t0 = time.perf_counter()
-    engine = wh.make_engine(f"sqlite:///{root / 'warehouse.db'}")
-    start = date(2026, 1, 5)
-    spec = ShopSpec(users=args.users, items=args.items, days=args.days, start=start, seed=args.seed)
-    write_shop(engine, spec, replace=True)
-    snapshot = root / "snapshot"
-    end = start + timedelta(days=args.days)
-    extract_snapshot(engine, start.isoformat(), end.isoformat(), snapshot, pseudonymiser_for(settings))
-    engine.dispose()
-    examples = build_examples(snapshot, settings.features, settings.tasks)
+    examples = shop_examples(root, settings, args.users, args.items, args.days, args.seed)
     shop = {
         "users": args.users,
         "items": args.items,

@@ -108,7 +108,7 @@ def _mix(groups: list[torch.Tensor], gate_logits: torch.Tensor, spans: list[list
     for weights, span in zip(torch.softmax(gate_logits, dim=2).unbind(dim=1), spans, strict=True):
         parts = weights.split([groups[i].shape[1] for i in span], dim=1)
         mixed = [(part.unsqueeze(2) * groups[i]).sum(dim=1) for part, i in zip(parts, span, strict=True)]
-        outputs.append(mixed[0] if len(mixed) == 1 else torch.stack(mixed).sum(dim=0))
+        outputs.append(sum(mixed[1:], mixed[0]))
     return outputs
 
 
